@@ -1,0 +1,239 @@
+"""ConvLoRA adapters with AdaBN statistics: the per-scanner part of the model.
+
+A :class:`ConvLoRA` wraps a frozen ``nn.Conv2d`` with weight W (C_out x C_in x k x k)
+and adds dW = (B @ A).view(W.shape) * alpha / r, with A of shape (r*k, C_in*k)
+(random) and B of shape (C_out*k, r*k) (zero), so an adapter starts as an exact
+no-op. Unlike the public reference code, merging keeps the original weight and
+unmerging restores it bit for bit, so a model can never end up with W + 2 dW.
+
+An :class:`Adapter` holds only what differs from the base model: A and B of
+every encoder conv, and the encoder's batch-norm affine parameters and running
+statistics (AdaBN). Its file is safetensors with JSON metadata naming the base
+model id; it is refused for any other base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .errors import InputError
+from .model import METADATA_KEY, BaseModel, UNet2D, read_metadata
+from .nifti import atomic_write
+
+ADAPTER_FORMAT = "convlora-adapter"
+ADAPTER_FORMAT_VERSION = 1
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+class ConvLoRA(nn.Module):
+    """A frozen conv plus a trainable low-rank weight update."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int = 2, alpha: float = 2.0, generator: torch.Generator | None = None):
+        super().__init__()
+        if conv.groups != 1 or conv.kernel_size[0] != conv.kernel_size[1]:
+            raise ValueError("ConvLoRA needs an ungrouped conv with a square kernel")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        k = conv.kernel_size[0]
+        self.conv = conv
+        for p in conv.parameters():
+            p.requires_grad_(False)
+        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank * k, conv.in_channels * k))
+        self.lora_B = nn.Parameter(torch.zeros(conv.out_channels * k, rank * k))
+        # Kaiming-uniform like nn.Linear (and loralib); B = 0 makes dW = 0 at start.
+        bound = 1.0 / math.sqrt(self.lora_A.shape[1])
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+        self._unmerged_weight: torch.Tensor | None = None
+
+    @property
+    def merged(self) -> bool:
+        return self._unmerged_weight is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A).view(self.conv.weight.shape) * self.scaling
+
+    def merge(self) -> None:
+        """Fold dW into the conv weight (fast inference); the original weight is kept."""
+        if self.merged:
+            return
+        with torch.no_grad():
+            self._unmerged_weight = self.conv.weight.detach().clone()
+            self.conv.weight.add_(self.delta_weight())
+
+    def unmerge(self) -> None:
+        """Restore the exact original weight."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            self.conv.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.conv(x)
+        # conv(x, W) + conv(x, dW) == conv(x, W + dW): one convolution instead of two.
+        c = self.conv
+        return F.conv2d(x, c.weight + self.delta_weight(), c.bias, c.stride, c.padding, c.dilation, c.groups)
+
+
+def inject_convlora(unet: UNet2D, rank: int = 2, alpha: float = 2.0, seed: int = 0) -> list[str]:
+    """Wrap every conv of the encoder in a ConvLoRA (in place); return the wrapped layer names."""
+    if lora_layers(unet):
+        raise ValueError("this U-Net already has adapters")
+    generator = torch.Generator().manual_seed(seed)
+    names = []
+    for name, module in unet.encoder_modules():
+        if isinstance(module, nn.Conv2d):
+            parent_name, _, child = name.rpartition(".")
+            parent = unet.get_submodule(parent_name)
+            setattr(parent, child, ConvLoRA(module, rank, alpha, generator))
+            names.append(name)
+    return names
+
+
+def encoder_batchnorms(unet: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
+    return [(n, m) for n, m in unet.encoder_modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def lora_layers(unet: nn.Module) -> list[tuple[str, ConvLoRA]]:
+    return [(n, m) for n, m in unet.named_modules() if isinstance(m, ConvLoRA)]
+
+
+def set_trainable(unet: UNet2D) -> list[nn.Parameter]:
+    """Freeze everything but adapter matrices and encoder BN affine parameters; return those."""
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    trainable = []
+    for _, layer in lora_layers(unet):
+        trainable += [layer.lora_A, layer.lora_B]
+    for _, bn in encoder_batchnorms(unet):
+        trainable += [bn.weight, bn.bias]
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
+
+
+@dataclass
+class Adapter:
+    """Adapter tensors + encoder BN state, and the metadata that says what they are for."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", ""))
+
+    @property
+    def base_model_id(self) -> str:
+        return str(self.metadata.get("base_model_id", ""))
+
+    @property
+    def trainable_parameters(self) -> int:
+        return int(
+            sum(t.numel() for k, t in self.tensors.items() if k.endswith((".lora_A", ".lora_B", ".weight", ".bias")))
+        )
+
+
+def extract_adapter(unet: UNet2D, metadata: dict) -> Adapter:
+    """Copy the adapter part of an adapted U-Net out of it."""
+    tensors = {}
+    for name, layer in lora_layers(unet):
+        tensors[f"{name}.lora_A"] = layer.lora_A.detach().cpu().clone()
+        tensors[f"{name}.lora_B"] = layer.lora_B.detach().cpu().clone()
+    for name, bn in encoder_batchnorms(unet):
+        for t in BN_TENSORS:
+            tensors[f"{name}.{t}"] = getattr(bn, t).detach().cpu().clone()
+    meta = dict(metadata)
+    meta.setdefault("layers", [n for n, _ in lora_layers(unet)])
+    return Adapter(tensors, meta)
+
+
+def apply_adapter(base: BaseModel, adapter: Adapter | None, merge: bool = True) -> UNet2D:
+    """A copy of the base U-Net with ``adapter`` loaded (merged for speed unless asked not to)."""
+    unet = base.copy().unet
+    if adapter is None:
+        return unet.eval()
+    if adapter.base_model_id != base.model_id:
+        raise InputError(
+            f"{adapter.path or adapter.name}: adapter made for base model {adapter.base_model_id[:12]}, "
+            f"not for this model {base.model_id[:12]}"
+        )
+    meta = adapter.metadata
+    inject_convlora(unet, rank=int(meta["rank"]), alpha=float(meta["alpha"]))
+    load_adapter_state(unet, adapter)
+    if merge:
+        for _, layer in lora_layers(unet):
+            layer.merge()
+    return unet.eval()
+
+
+def load_adapter_state(unet: UNet2D, adapter: Adapter) -> None:
+    """Copy adapter tensors into an injected U-Net, checking names and shapes first."""
+    expected = extract_adapter(unet, {}).tensors
+    where = adapter.path or adapter.name or "adapter"
+    missing, extra = sorted(set(expected) - set(adapter.tensors)), sorted(set(adapter.tensors) - set(expected))
+    if missing or extra:
+        raise InputError(f"{where}: adapter tensors do not fit the model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for key, t in adapter.tensors.items():
+        if t.shape != expected[key].shape or t.dtype != expected[key].dtype:
+            raise InputError(f"{where}: tensor {key} is {t.dtype}{tuple(t.shape)}, expected {expected[key].dtype}{tuple(expected[key].shape)}")
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for key, t in adapter.tensors.items():
+            module_name, _, attr = key.rpartition(".")
+            getattr(modules[module_name], attr).copy_(t)
+
+
+def new_metadata(base: BaseModel, name: str, rank: int, alpha: float, **extra) -> dict:
+    return {
+        "format": ADAPTER_FORMAT,
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "kind": "convlora",
+        "name": name,
+        "rank": rank,
+        "alpha": alpha,
+        "base_model_id": base.model_id,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "software_version": __version__,
+        **extra,
+    }
+
+
+def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
+    """Write the adapter atomically (temporary file, then rename)."""
+    path = Path(path)
+    tensors = {k: v.contiguous() for k, v in adapter.tensors.items()}
+    text = json.dumps(adapter.metadata)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: text}))
+    return path
+
+
+def load_adapter(path: str | os.PathLike) -> Adapter:
+    path = Path(path)
+    metadata = read_metadata(path, ADAPTER_FORMAT)
+    if int(metadata.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
+        raise InputError(f"{path}: adapter format version {metadata['format_version']} is newer than this software reads")
+    for key in ("rank", "alpha", "base_model_id"):
+        if key not in metadata:
+            raise InputError(f"{path}: adapter metadata lacks '{key}'")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"{path}: cannot read the adapter tensors ({exc})") from None
+    return Adapter(tensors, metadata, path)

@@ -1,0 +1,260 @@
+"""The ``convlora`` command line: segment, adapt, evaluate.
+
+Contract for scripts and pipelines: with ``--json`` each command prints exactly
+one JSON object on stdout. Exit status 0 on success, 2 on bad input or usage
+(one line ``error: ...`` on stderr, naming the file and the problem), 1 on an
+unexpected internal error. Outputs are written to a temporary name and renamed,
+so a failure never leaves a partial file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import InputError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors become our one-line ``error:`` and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InputError(f"{self.prog}: {message}")
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .device import DEVICE_CHOICES
+
+    parser = _Parser(prog="convlora", description="Skull stripping with per-scanner ConvLoRA adapters.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("segment", help="brain mask of a NIfTI volume")
+    p.add_argument("input", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="mask to write (.nii or .nii.gz)")
+    p.add_argument("--adapter", default="none", help="none, auto, a library name or a .safetensors path")
+    p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.add_argument("--no-cleanup", action="store_true", help="keep every component and hole")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = sub.add_parser("adapt", help="train an adapter on unlabeled slices of a volume")
+    p.add_argument("input", type=Path)
+    p.add_argument("--name", help="adapter name (default: the input file's name)")
+    p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
+    p.add_argument("--slices", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=_positive_float, default=1e-4)
+    p.add_argument("--rank", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", type=Path, help="adapter file to write (default: the library, under NAME)")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.add_argument("--overwrite", action="store_true", help="replace an adapter of the same name or path")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = sub.add_parser("evaluate", help="Dice, surface Dice and HD95 of a mask against a ground truth")
+    p.add_argument("prediction", type=Path)
+    p.add_argument("ground_truth", type=Path)
+    p.add_argument("--tolerance", type=_positive_float, default=1.0, help="surface Dice tolerance in mm")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _load_base(model: Path | None):
+    from .library import default_model_path
+    from .model import load_model
+
+    return load_model(model if model is not None else default_model_path())
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def cmd_segment(args: argparse.Namespace) -> dict:
+    from .inference import segment
+    from .library import resolve_adapter
+    from .nifti import check_output_path, load_volume, save_mask
+
+    check_output_path(args.output, overwrite=args.overwrite)
+    if args.output.resolve() == args.input.resolve():
+        raise InputError(f"{args.output}: the output would overwrite the input")
+    volume = load_volume(args.input)
+    base = _load_base(args.model)
+    spec = args.adapter
+    if spec == "auto":
+        _note("note: automatic adapter choice is not available yet; using the source model (--adapter none)")
+        spec = "none"
+    adapter = resolve_adapter(spec)
+    start = time.perf_counter()
+    result = segment(base, volume, adapter, device=args.device, cleanup=not args.no_cleanup)
+    save_mask(result.mask, volume, args.output, overwrite=args.overwrite)
+    return {
+        "input": str(args.input),
+        "output": str(args.output),
+        "adapter": result.adapter,
+        "seconds": round(time.perf_counter() - start, 3),
+        "volume_ml": round(result.volume_ml, 3),
+    }
+
+
+def cmd_adapt(args: argparse.Namespace) -> dict:
+    from .adapt import AdaptCancelled, AdaptConfig, AdaptDone, EpochReport, StepReport, adapt
+    from .adapters import save_adapter
+    from .library import ADAPTER_SUFFIX, check_name, user_adapter_dir
+    from .nifti import check_output_path, load_volume
+
+    name = check_name(args.name or _stem(args.input))
+    if args.output is not None:
+        output = args.output
+        if output.suffix != ADAPTER_SUFFIX:
+            raise InputError(f"{output}: adapter files end in {ADAPTER_SUFFIX}")
+    else:
+        folder = user_adapter_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        output = folder / f"{name}{ADAPTER_SUFFIX}"
+        if output.exists() and not args.overwrite:
+            raise InputError(f"{output}: an adapter named {name!r} exists; choose another --name or pass --overwrite")
+    check_output_path(output, overwrite=args.overwrite)
+    config = AdaptConfig(
+        slices=args.slices, epochs=args.epochs, lr=args.lr, rank=args.rank,
+        batch_size=args.batch_size, seed=args.seed, device=args.device,
+    )
+    config.check()
+    volume = load_volume(args.input)
+    base = _load_base(args.model)
+    bar = _progress_bar()
+    done = None
+    try:
+        for report in adapt(base, volume, config, name=name):
+            if isinstance(report, StepReport) and bar is not None:
+                bar.total = report.total_steps
+                bar.set_postfix(epoch=f"{report.epoch}/{report.epochs}", loss=f"{report.loss:.4f}", refresh=False)
+                bar.update(1)
+            elif isinstance(report, EpochReport) and bar is not None:
+                bar.write(f"epoch {report.epoch}/{report.epochs}: loss {report.loss:.4f}, agreement {report.agreement:.4f}")
+            elif isinstance(report, (AdaptDone, AdaptCancelled)):
+                done = report
+    finally:
+        if bar is not None:
+            bar.close()
+    assert isinstance(done, AdaptDone)
+    save_adapter(done.adapter, output)
+    return {
+        "adapter": str(output),
+        "name": name,
+        "trainable_parameters": done.adapter.trainable_parameters,
+        "seconds": round(done.seconds, 3),
+        "best_epoch": done.best_epoch,
+        "agreements": [round(a, 5) for a in done.agreements],
+    }
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def _progress_bar():
+    """A tqdm bar on stderr when it is a terminal; None otherwise (logs and pipes stay clean)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=None, desc="adapting", unit="step", file=sys.stderr)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    import numpy as np
+
+    from .metrics import evaluate
+    from .nifti import load_mask
+
+    pred, gt = load_mask(args.prediction), load_mask(args.ground_truth)
+    if pred.data.shape != gt.data.shape or not np.allclose(pred.affine, gt.affine, atol=1e-3):
+        raise InputError(
+            f"{args.ground_truth}: not on the same voxel grid as {args.prediction} "
+            f"(shapes {gt.data.shape} vs {pred.data.shape}, or different affines); resample one onto the other first"
+        )
+    return evaluate(pred.data, gt.data, pred.spacing, args.tolerance)
+
+
+COMMANDS = {"segment": cmd_segment, "adapt": cmd_adapt, "evaluate": cmd_evaluate}
+
+
+def _json_safe(value):
+    """NaN and Inf are not JSON: report them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _print_human(command: str, result: dict) -> None:
+    if command == "evaluate":
+        print(
+            f"Dice {result['dice']:.4f}  surface Dice @ {result['tolerance_mm']:g} mm {result['surface_dice']:.4f}  "
+            f"HD95 {result['hd95_mm']:.2f} mm  volume {result['volume_ml_pred']:.1f} ml (ground truth {result['volume_ml_gt']:.1f} ml)"
+        )
+    elif command == "segment":
+        print(f"{result['output']}: brain {result['volume_ml']:.1f} ml, adapter {result['adapter']}, {result['seconds']:.1f} s")
+    else:
+        print(
+            f"{result['adapter']}: adapter {result['name']!r}, {result['trainable_parameters']} trainable parameters, "
+            f"best epoch {result['best_epoch']}, {result['seconds']:.1f} s"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        result = COMMANDS[args.command](args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: report, do not dump a traceback
+        if os.environ.get("CONVLORA_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (set CONVLORA_DEBUG=1 for a traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+    if args.json:
+        print(json.dumps(_json_safe(result)))
+    else:
+        _print_human(args.command, result)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

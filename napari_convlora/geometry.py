@@ -1,0 +1,182 @@
+"""From a volume on disk to the model's stack of 2D sagittal slices, and back.
+
+The model always sees the same thing whatever the file looks like: the volume
+reoriented to RAS (axis permutation and flips only, never interpolation),
+sagittal slices (planes of constant x), resampled in-plane to ``PLANE_SPACING_MM``,
+intensities scaled robustly to [0, 1], and cropped to the head (plus a margin)
+with sides padded to a multiple of 8 for the three stride-2 downsamplings.
+:class:`SliceGeometry` records every step so a prediction maps back exactly onto
+the input's voxel grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from nibabel import orientations
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+from skimage.transform import resize
+
+from .nifti import Volume
+
+PLANE_SPACING_MM = 1.0
+MULTIPLE = 8
+HEAD_MARGIN_MM = 8.0
+_SPACING_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """How the file's voxel grid maps to the model's slice stack."""
+
+    disk_shape: tuple[int, int, int]
+    file_ornt: np.ndarray  # nibabel orientation of the file's axes (io_orientation of its affine)
+    ras_shape: tuple[int, int, int]
+    ras_spacing: tuple[float, float, float]
+    plane_shape: tuple[int, int]  # in-plane size after resampling, before cropping
+    x_range: tuple[int, int]  # sagittal slices that hold head: [x0, x1)
+    crop: tuple[int, int, int, int]  # y0, y1, z0, z1 in the resampled plane (may exceed it: zero padding)
+
+    @property
+    def plane_spacing(self) -> tuple[float, float]:
+        """Pixel size of the model's slices in mm (rows, columns)."""
+        return tuple(
+            s if n == m else s * n / m
+            for s, n, m in zip(self.ras_spacing[1:], self.ras_shape[1:], self.plane_shape)
+        )
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        y0, y1, z0, z1 = self.crop
+        return (y1 - y0, z1 - z0)
+
+    @property
+    def n_slices(self) -> int:
+        return self.x_range[1] - self.x_range[0]
+
+    def to_model(self, ras: np.ndarray, order: int = 1) -> np.ndarray:
+        """A RAS volume (``ras_shape``) to the (n_slices, H, W) float32 stack the model reads."""
+        x0, x1 = self.x_range
+        plane = _resize_plane(ras[x0:x1].astype(np.float32, copy=False), self.plane_shape, order)
+        y0, y1, z0, z1 = self.crop
+        out = np.zeros((x1 - x0, y1 - y0, z1 - z0), dtype=np.float32)
+        sy0, sz0 = max(y0, 0), max(z0, 0)
+        sy1, sz1 = min(y1, self.plane_shape[0]), min(z1, self.plane_shape[1])
+        out[:, sy0 - y0 : sy1 - y0, sz0 - z0 : sz1 - z0] = plane[:, sy0:sy1, sz0:sz1]
+        return out
+
+    def from_model(self, stack: np.ndarray) -> np.ndarray:
+        """A (n_slices, H, W) stack of probabilities back to a float32 volume in file order."""
+        x0, x1 = self.x_range
+        y0, y1, z0, z1 = self.crop
+        plane = np.zeros((x1 - x0, *self.plane_shape), dtype=np.float32)
+        sy0, sz0 = max(y0, 0), max(z0, 0)
+        sy1, sz1 = min(y1, self.plane_shape[0]), min(z1, self.plane_shape[1])
+        plane[:, sy0:sy1, sz0:sz1] = stack[:, sy0 - y0 : sy1 - y0, sz0 - z0 : sz1 - z0]
+        ras = np.zeros(self.ras_shape, dtype=np.float32)
+        ras[x0:x1] = _resize_plane(plane, self.ras_shape[1:], order=1)
+        return self.from_ras(ras)
+
+    def to_ras(self, disk: np.ndarray) -> np.ndarray:
+        """An array in file order to RAS order (permutes and flips axes, nothing else)."""
+        to = orientations.ornt_transform(self.file_ornt, orientations.axcodes2ornt("RAS"))
+        return orientations.apply_orientation(disk, to)
+
+    def from_ras(self, ras: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`to_ras`."""
+        back = orientations.ornt_transform(orientations.axcodes2ornt("RAS"), self.file_ornt)
+        return np.ascontiguousarray(orientations.apply_orientation(ras, back))
+
+    def disk_to_model_slice(self, disk_index: tuple[int, int, int]) -> int:
+        """Index in the model's stack of the sagittal slice through a voxel given in file order."""
+        point = np.zeros(self.disk_shape, dtype=bool)
+        point[tuple(disk_index)] = True
+        x = int(np.argwhere(self.to_ras(point))[0, 0])
+        return int(np.clip(x - self.x_range[0], 0, self.n_slices - 1))
+
+
+def _resize_plane(stack: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
+    if tuple(stack.shape[1:]) == tuple(shape):
+        return stack
+    return resize(
+        stack,
+        (stack.shape[0], *shape),
+        order=order,
+        mode="edge",
+        anti_aliasing=order > 0 and any(n < m for n, m in zip(shape, stack.shape[1:])),
+        preserve_range=True,
+    ).astype(np.float32)
+
+
+def scale_intensity(ras: np.ndarray) -> np.ndarray:
+    """Map intensities to [0, 1]: 0.5th percentile to 0, 99.5th percentile of the head to 1.
+
+    Percentiles (on a strided subsample, for speed) instead of min/max so that
+    single hot voxels and the neck's bright fat do not squash brain contrast.
+    """
+    sample = ras[::2, ::2, ::2].astype(np.float32, copy=False).ravel()
+    lo = float(np.percentile(sample, 0.5))
+    above = sample[sample > lo]
+    hi = float(np.percentile(above, 99.5)) if above.size else lo
+    if hi <= lo:
+        hi = float(sample.max())
+    scaled = (ras.astype(np.float32) - lo) / max(hi - lo, 1e-12)
+    return np.clip(scaled, 0.0, 1.0, out=scaled)
+
+
+def plan(volume: Volume) -> tuple[SliceGeometry, np.ndarray]:
+    """Plan the slicing of ``volume``; return the geometry and the scaled RAS volume."""
+    ornt = orientations.io_orientation(volume.affine)
+    ras = orientations.apply_orientation(volume.data, orientations.ornt_transform(ornt, orientations.axcodes2ornt("RAS")))
+    spacing_file = volume.spacing
+    ras_spacing = [0.0, 0.0, 0.0]
+    for file_axis, (ras_axis, _) in enumerate(ornt):
+        ras_spacing[int(ras_axis)] = spacing_file[file_axis]
+    scaled = scale_intensity(ras)
+    plane_shape = tuple(
+        n if abs(s - PLANE_SPACING_MM) <= _SPACING_TOLERANCE else max(int(round(n * s / PLANE_SPACING_MM)), 1)
+        for n, s in zip(ras.shape[1:], ras_spacing[1:])
+    )
+    head = _head_mask(scaled)
+    x_range = _extent(head.any(axis=(1, 2)), ras.shape[0], HEAD_MARGIN_MM / ras_spacing[0])
+    crop = []
+    for axis, n_plane in ((1, plane_shape[0]), (2, plane_shape[1])):
+        other = tuple(a for a in (0, 1, 2) if a != axis)
+        lo, hi = _extent(head.any(axis=other), ras.shape[axis], HEAD_MARGIN_MM / ras_spacing[axis])
+        factor = n_plane / ras.shape[axis]
+        lo, hi = int(np.floor(lo * factor)), int(np.ceil(hi * factor))
+        lo, hi = _pad_to_multiple(lo, hi, MULTIPLE)
+        crop += [lo, hi]
+    geometry = SliceGeometry(
+        disk_shape=tuple(volume.data.shape),
+        file_ornt=ornt,
+        ras_shape=tuple(ras.shape),
+        ras_spacing=tuple(float(s) for s in ras_spacing),
+        plane_shape=plane_shape,
+        x_range=x_range,
+        crop=tuple(crop),
+    )
+    return geometry, scaled
+
+
+def _head_mask(scaled: np.ndarray) -> np.ndarray:
+    """Voxels brighter than Otsu's threshold, speckles removed: where the head is."""
+    threshold = threshold_otsu(scaled[::2, ::2, ::2])
+    return ndimage.binary_opening(scaled > threshold, iterations=1)
+
+
+def _extent(profile: np.ndarray, n: int, margin: float) -> tuple[int, int]:
+    idx = np.flatnonzero(profile)
+    if idx.size == 0:
+        return 0, n
+    m = int(np.ceil(margin))
+    return max(int(idx[0]) - m, 0), min(int(idx[-1]) + 1 + m, n)
+
+
+def _pad_to_multiple(lo: int, hi: int, multiple: int) -> tuple[int, int]:
+    size = max(hi - lo, multiple)
+    extra = (-size) % multiple
+    lo -= extra // 2
+    return lo, lo + size + extra

@@ -1,0 +1,246 @@
+"""The 2D U-Net of the ConvLoRA paper, its Early Segmentation Head, and their weight files.
+
+Architecture (UNet2D of the CC359 domain-adaptation line of work): widths
+w, 2w, 4w, 8w; stride-2 2x2 convs instead of pooling; pre-activation residual
+blocks (BN-ReLU-Conv3x3 twice plus identity), three per stage; additive skips
+through 1x1 convs; one output logit. With w = 16 it has 2,451,091 parameters.
+
+The encoder (``init_path``, ``down1``..``down3``) is what adapters change; the
+Early Segmentation Head reads its deepest features and is what self-training
+trains against the full network's prediction.
+
+Weight files are safetensors (never pickle) with a JSON document under the
+``convlora`` metadata key. The model id is the SHA-256 of the tensors (names,
+dtypes, shapes and bytes, in sorted order), so it does not change when only the
+metadata does, and adapters name the exact weights they were made for.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from .errors import InputError
+from .nifti import atomic_write
+
+MODEL_FORMAT = "convlora-model"
+MODEL_FORMAT_VERSION = 1
+METADATA_KEY = "convlora"
+ENCODER = ("init_path", "down1", "down2", "down3")
+
+
+class PreActivation(nn.Sequential):
+    """BN -> ReLU -> Conv: the unit of a pre-activation residual block."""
+
+    def __init__(self, c_in: int, c_out: int, kernel_size: int = 3, padding: int = 1) -> None:
+        super().__init__(
+            nn.BatchNorm2d(c_in), nn.ReLU(inplace=False), nn.Conv2d(c_in, c_out, kernel_size, padding=padding)
+        )
+
+
+class ResBlock(nn.Module):
+    """Two pre-activation convs plus the identity."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv_path = nn.Sequential(PreActivation(channels, channels), PreActivation(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv_path(x)
+
+
+def _blocks(channels: int, n: int = 3) -> list[nn.Module]:
+    return [ResBlock(channels) for _ in range(n)]
+
+
+class UNet2D(nn.Module):
+    """The segmentation network; ``forward`` returns one logit per pixel."""
+
+    def __init__(self, base_width: int = 16) -> None:
+        super().__init__()
+        n = base_width
+        self.base_width = base_width
+        self.init_path = nn.Sequential(nn.Conv2d(1, n, 3, padding=1, bias=False), nn.ReLU(), *_blocks(n))
+        self.down1 = self._down(n, 2 * n)
+        self.down2 = self._down(2 * n, 4 * n)
+        self.down3 = self._down(4 * n, 8 * n)
+        self.up3 = self._up(8 * n, 4 * n)
+        self.up2 = self._up(4 * n, 2 * n)
+        self.up1 = self._up(2 * n, n)
+        self.out_path = nn.Sequential(*_blocks(n), PreActivation(n, 1, kernel_size=1, padding=0), nn.BatchNorm2d(1))
+        self.shortcut0 = nn.Conv2d(n, n, 1)
+        self.shortcut1 = nn.Conv2d(2 * n, 2 * n, 1)
+        self.shortcut2 = nn.Conv2d(4 * n, 4 * n, 1)
+
+    @staticmethod
+    def _down(c_in: int, c_out: int) -> nn.Sequential:
+        return nn.Sequential(nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 2, stride=2, bias=False), nn.ReLU(), *_blocks(c_out))
+
+    @staticmethod
+    def _up(c_in: int, c_out: int) -> nn.Sequential:
+        return nn.Sequential(
+            *_blocks(c_in), nn.BatchNorm2d(c_in), nn.ConvTranspose2d(c_in, c_out, 2, stride=2, bias=False), nn.ReLU()
+        )
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x0 = self.init_path(x)
+        x1 = self.down1(x0)
+        x2 = self.down2(x1)
+        return x0, x1, x2, self.down3(x2)
+
+    def decode(self, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x0, x1, x2, x3 = features
+        up = self.up3(x3)
+        up = self.up2(up + self.shortcut2(x2))
+        up = self.up1(up + self.shortcut1(x1))
+        return self.out_path(up + self.shortcut0(x0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def encoder_modules(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) for every module of the encoder, names as in ``named_modules``."""
+        return [(name, m) for name, m in self.named_modules() if name.split(".")[0] in ENCODER]
+
+
+class EarlyHead(nn.Module):
+    """Early Segmentation Head: a small conv head on the encoder output, upsampled to full size."""
+
+    def __init__(self, c_in: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(c_in, 12, 3, padding=1),
+            nn.BatchNorm2d(12),
+            nn.ReLU(),
+            nn.Conv2d(12, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 1, 3, padding=1),
+        )
+
+    def forward(self, deepest: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(self.layers(deepest), size=size, mode="bilinear", align_corners=False)
+
+
+@dataclass
+class BaseModel:
+    """The frozen source model: U-Net, early head, metadata and the id adapters refer to."""
+
+    unet: UNet2D
+    head: EarlyHead
+    metadata: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def model_id(self) -> str:
+        return tensors_sha256(self.state_dict())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        tensors = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
+        tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        return tensors
+
+    def copy(self) -> BaseModel:
+        return BaseModel(copy.deepcopy(self.unet), copy.deepcopy(self.head), copy.deepcopy(self.metadata), self.path)
+
+    def eval(self) -> BaseModel:
+        self.unet.eval()
+        self.head.eval()
+        return self
+
+
+def build_model(base_width: int = 16) -> BaseModel:
+    """A freshly initialised (untrained) model."""
+    unet = UNet2D(base_width)
+    return BaseModel(unet, EarlyHead(8 * base_width), {"architecture": architecture(base_width)})
+
+
+def architecture(base_width: int) -> dict:
+    return {"name": "UNet2D", "base_width": base_width, "in_channels": 1, "out_channels": 1, "early_head": "ESH"}
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def save_model(model: BaseModel, path: str | os.PathLike, training: dict | None = None) -> str:
+    """Write weights + metadata atomically; return the model id."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    model_id = tensors_sha256(tensors)
+    metadata = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "architecture": architecture(model.unet.base_width),
+        "model_id": model_id,
+        "training": training if training is not None else model.metadata.get("training", {}),
+    }
+    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)}))
+    return model_id
+
+
+def read_metadata(path: Path, expected_format: str) -> dict:
+    """The JSON metadata of a convlora safetensors file, or InputError saying what is wrong."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(METADATA_KEY)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a safetensors file, or truncated ({exc})") from None
+    if raw is None:
+        raise InputError(f"{path}: has no '{METADATA_KEY}' metadata; not a {expected_format} file")
+    try:
+        metadata = json.loads(raw)
+    except json.JSONDecodeError:
+        raise InputError(f"{path}: its '{METADATA_KEY}' metadata is not valid JSON") from None
+    if metadata.get("format") != expected_format:
+        raise InputError(f"{path}: is a {metadata.get('format')!r} file, expected {expected_format!r}")
+    return metadata
+
+
+def load_model(path: str | os.PathLike) -> BaseModel:
+    """Load a model written by :func:`save_model`, checking format, architecture and tensors."""
+    path = Path(path)
+    metadata = read_metadata(path, MODEL_FORMAT)
+    if int(metadata.get("format_version", 0)) > MODEL_FORMAT_VERSION:
+        raise InputError(f"{path}: model format version {metadata['format_version']} is newer than this software reads")
+    arch = metadata.get("architecture", {})
+    if arch.get("name") != "UNet2D" or not isinstance(arch.get("base_width"), int) or arch["base_width"] < 1:
+        raise InputError(f"{path}: unknown architecture {arch!r}")
+    model = build_model(arch["base_width"])
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"{path}: cannot read the tensors ({exc})") from None
+    expected = model.state_dict()
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise InputError(f"{path}: tensors do not match the architecture (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, t in tensors.items():
+        if t.shape != expected[name].shape or t.dtype != expected[name].dtype:
+            raise InputError(f"{path}: tensor {name} is {t.dtype}{tuple(t.shape)}, expected {expected[name].dtype}{tuple(expected[name].shape)}")
+    model.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+    model.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    model.metadata = metadata
+    model.path = path
+    return model.eval()

@@ -1,0 +1,190 @@
+"""Reading and writing NIfTI volumes, with every check a user's file needs.
+
+nibabel silently "repairs" some broken headers (zero or negative voxel sizes
+become 1 or their absolute value), so the raw header is read once more without
+those repairs: a mask written on a grid the user did not have is worse than a
+clear refusal.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .errors import InputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass
+class Volume:
+    """A 3D scalar volume as stored on disk: data in file order, affine and header."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header
+    path: Path | None = None
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along each array axis (lengths of the affine's columns)."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else "<array>"
+
+
+def is_nifti_path(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def load_volume(path: str | os.PathLike) -> Volume:
+    """Load a 3D NIfTI volume (a 4D file with one volume is accepted) or raise InputError."""
+    path = Path(path)
+    data, img = _load_image(path)
+    data = _as_3d(data, path)
+    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+        raise InputError(f"{path}: unsupported voxel type {data.dtype}")
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise InputError(f"{path}: {int(data.size - finite.sum())} voxels are NaN or Inf")
+    if data.max() == data.min():
+        raise InputError(f"{path}: the volume is constant (every voxel is {data.flat[0]!r}); nothing to segment")
+    return Volume(data=data, affine=img.affine.copy(), header=img.header.copy(), path=path)
+
+
+def load_mask(path: str | os.PathLike) -> Volume:
+    """Load a binary mask (any non-zero label above 0.5 is foreground) as uint8 0/1."""
+    path = Path(path)
+    data, img = _load_image(path)
+    data = _as_3d(data, path)
+    if not np.isfinite(data).all():
+        raise InputError(f"{path}: the mask has NaN or Inf voxels")
+    return Volume(data=(data > 0.5).astype(np.uint8), affine=img.affine.copy(), header=img.header.copy(), path=path)
+
+
+def _load_image(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a NIfTI file")
+    if not is_nifti_path(path):
+        raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+    try:
+        img = nib.load(str(path))
+    except (nib.filebasedimages.ImageFileError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable NIfTI file ({_first_line(exc)})") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{path}: cannot read the file, it may be truncated or corrupt ({_first_line(exc)})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path}: not a NIfTI file ({type(img).__name__})")
+    _check_geometry(path, img)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise InputError(f"{path}: the image data is truncated or corrupt ({_first_line(exc)})") from None
+    return data, img
+
+
+def _check_geometry(path: Path, img: nib.Nifti1Image) -> None:
+    """Refuse zero/negative voxel sizes and singular or non-finite affines."""
+    ndim = int(img.header["dim"][0])
+    n_spatial = min(max(ndim, 1), 3)
+    raw_pixdim = _raw_pixdim(path, type(img.header))[1 : 1 + n_spatial]
+    if np.any(~np.isfinite(raw_pixdim)) or np.any(raw_pixdim <= 0):
+        sizes = ", ".join(f"{v:g}" for v in raw_pixdim)
+        raise InputError(f"{path}: voxel sizes must be positive, the header says ({sizes})")
+    affine = img.affine
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError(f"{path}: the affine (voxel-to-world matrix) is singular or not finite")
+
+
+def _raw_pixdim(path: Path, header_class: type) -> np.ndarray:
+    """pixdim exactly as written in the file, before nibabel's repairs."""
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = header_class.from_fileobj(fh, check=False)
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        raise InputError(f"{path}: cannot read the NIfTI header ({_first_line(exc)})") from None
+    return np.asarray(raw["pixdim"], dtype=np.float64)
+
+
+def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
+    if data.ndim < 3:
+        raise InputError(f"{path}: the image is {data.ndim}D, a 3D volume is needed")
+    if data.ndim > 3:
+        extra = data.shape[3:]
+        if int(np.prod(extra)) != 1:
+            raise InputError(f"{path}: a 4D series of {int(np.prod(extra))} volumes; give one 3D volume")
+        data = data.reshape(data.shape[:3])
+    if min(data.shape) < 2:
+        raise InputError(f"{path}: the volume has shape {data.shape}; every axis needs at least 2 voxels")
+    return data
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check before any work that ``path`` can be written: folder exists and is writable."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise InputError(f"{path}: the output folder {folder} does not exist")
+    if not folder.is_dir():
+        raise InputError(f"{path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: the output folder {folder} is not writable")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path}: already exists (pass --overwrite to replace it)")
+    return path
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``; on any failure remove the temporary file.
+
+    The temporary name keeps the suffixes (``.nii.gz``) because writers pick the
+    format from them.
+    """
+    path = Path(path)
+    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name[: len(path.name) - len(suffix)]}.tmp{os.getpid()}{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except PermissionError:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"{path}: permission denied while writing") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_mask(mask: np.ndarray, like: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a 0/1 uint8 mask on ``like``'s grid, with its affine and header, atomically."""
+    path = check_output_path(path, overwrite=overwrite)
+    if not is_nifti_path(path):
+        raise InputError(f"{path}: output must end in .nii or .nii.gz")
+    if mask.shape != like.data.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the volume's {like.data.shape}")
+    header = like.header.copy()
+    header.set_data_dtype(np.uint8)
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    img = image_class(mask.astype(np.uint8), like.affine, header)
+    # A mask is labels, not intensities: never let a scl_slope/inter from the input rescale it.
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"], img.header["cal_max"] = 0, 1
+    atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
+    return path

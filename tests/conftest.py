@@ -1,0 +1,59 @@
+"""Shared fixtures: real volumes from the repository and small random models.
+
+The models are untrained (random weights, fixed seed): the tests check
+mechanics (geometry, exactness, refusals, reproducibility), not accuracy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from nibabel.processing import resample_to_output
+
+from napari_convlora.model import build_model, save_model
+from napari_convlora.nifti import Volume, load_volume
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_T1 = ROOT / "resources" / "sample" / "colin27_t1.nii.gz"
+SAMPLE_MASK = ROOT / "resources" / "sample" / "colin27_mask_consensus.nii.gz"
+DATA = Path(__file__).resolve().parent / "data"
+
+
+@pytest.fixture(scope="session")
+def sample_img() -> nib.Nifti1Image:
+    return nib.load(str(SAMPLE_T1))
+
+
+@pytest.fixture(scope="session")
+def small_path(tmp_path_factory, sample_img) -> Path:
+    """The sample head resampled to 4 mm (46x55x46): real anatomy, fast to run a model on."""
+    small = resample_to_output(sample_img, voxel_sizes=(4.0, 4.0, 4.0), order=1)
+    path = tmp_path_factory.mktemp("small") / "head4mm.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(small.dataobj).astype(np.float32), small.affine), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_volume(small_path) -> Volume:
+    return load_volume(small_path)
+
+
+def make_model(width: int = 4, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model(width).eval()
+
+
+@pytest.fixture
+def model():
+    return make_model()
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(make_model(), path, training={"command": "tests: random weights"})
+    return path
