@@ -125,11 +125,13 @@ def reestimate_bn(unet: UNet2D, images: torch.Tensor, batch_size: int) -> None:
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             unet.encode(images[start : start + batch_size])
-    for bn, momentum in zip(bns, momenta):
+    for bn, momentum in zip(bns, momenta, strict=True):
         bn.momentum = momentum
 
 
-def agreement(unet: UNet2D, head: torch.nn.Module, images: torch.Tensor, geometry: SliceGeometry, batch_size: int) -> float:
+def agreement(
+    unet: UNet2D, head: torch.nn.Module, images: torch.Tensor, geometry: SliceGeometry, batch_size: int
+) -> float:
     """Mean 2D surface Dice @ 1 mm between thresholded early-head and final predictions (1.0 if both empty)."""
     unet.eval()
     head.eval()
@@ -140,7 +142,7 @@ def agreement(unet: UNet2D, head: torch.nn.Module, images: torch.Tensor, geometr
             features = unet.encode(x)
             final = (unet.decode(features) > 0)[:, 0].cpu().numpy()
             early = (head(features[-1], x.shape[-2:]) > 0)[:, 0].cpu().numpy()
-            for f, e in zip(final, early):
+            for f, e in zip(final, early, strict=True):
                 score = surface_dice(f, e, geometry.plane_spacing, 1.0)
                 scores.append(1.0 if np.isnan(score) else score)
     return float(np.mean(scores))
@@ -205,7 +207,9 @@ def adapt(
             step += 1
             losses.append(loss.item())
             elapsed = time.perf_counter() - start
-            yield StepReport(step, total_steps, epoch, config.epochs, losses[-1], elapsed, elapsed / step * (total_steps - step))
+            yield StepReport(
+                step, total_steps, epoch, config.epochs, losses[-1], elapsed, elapsed / step * (total_steps - step)
+            )
         reestimate_bn(unet, images, config.batch_size)
         agreements.append(agreement(unet, head, images, geometry, config.batch_size))
         if best_state is None or agreements[-1] > agreements[best_epoch - 1]:
@@ -213,7 +217,12 @@ def adapt(
             best_state = extract_adapter(unet, {}).tensors
         elapsed = time.perf_counter() - start
         yield EpochReport(
-            epoch, config.epochs, float(np.mean(losses)), agreements[-1], best_epoch, elapsed,
+            epoch,
+            config.epochs,
+            float(np.mean(losses)),
+            agreements[-1],
+            best_epoch,
+            elapsed,
             elapsed / step * (total_steps - step),
         )
     seconds = time.perf_counter() - start
@@ -237,7 +246,9 @@ def adapt(
     yield AdaptDone(adapter, best_epoch, agreements, indices, seconds)
 
 
-def run_adaptation(base: BaseModel, volume: Volume, config: AdaptConfig = AdaptConfig(), name: str = "adapter") -> AdaptDone:
+def run_adaptation(
+    base: BaseModel, volume: Volume, config: AdaptConfig = AdaptConfig(), name: str = "adapter"
+) -> AdaptDone:
     """Run :func:`adapt` to the end (no progress display) and return its result."""
     done = None
     for report in adapt(base, volume, config, name):

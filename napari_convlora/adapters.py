@@ -29,7 +29,7 @@ from torch import nn
 
 from . import __version__
 from .errors import InputError
-from .model import METADATA_KEY, BaseModel, UNet2D, read_metadata
+from .model import METADATA_KEY, BaseModel, UNet2D, check_tensors, read_metadata
 from .nifti import atomic_write
 
 ADAPTER_FORMAT = "convlora-adapter"
@@ -187,12 +187,7 @@ def load_adapter_state(unet: UNet2D, adapter: Adapter) -> None:
     """Copy adapter tensors into an injected U-Net, checking names and shapes first."""
     expected = extract_adapter(unet, {}).tensors
     where = adapter.path or adapter.name or "adapter"
-    missing, extra = sorted(set(expected) - set(adapter.tensors)), sorted(set(adapter.tensors) - set(expected))
-    if missing or extra:
-        raise InputError(f"{where}: adapter tensors do not fit the model (missing {missing[:3]}, unexpected {extra[:3]})")
-    for key, t in adapter.tensors.items():
-        if t.shape != expected[key].shape or t.dtype != expected[key].dtype:
-            raise InputError(f"{where}: tensor {key} is {t.dtype}{tuple(t.shape)}, expected {expected[key].dtype}{tuple(expected[key].shape)}")
+    check_tensors(where, adapter.tensors, expected, "adapter tensors do not fit the model")
     modules = dict(unet.named_modules())
     with torch.no_grad():
         for key, t in adapter.tensors.items():
@@ -228,7 +223,9 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
     path = Path(path)
     metadata = read_metadata(path, ADAPTER_FORMAT)
     if int(metadata.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
-        raise InputError(f"{path}: adapter format version {metadata['format_version']} is newer than this software reads")
+        raise InputError(
+            f"{path}: adapter format version {metadata['format_version']} is newer than this software reads"
+        )
     for key in ("rank", "alpha", "base_model_id"):
         if key not in metadata:
             raise InputError(f"{path}: adapter metadata lacks '{key}'")

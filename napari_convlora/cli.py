@@ -69,6 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an adapter of the same name or path")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    p = sub.add_parser("train-source", help="train the source U-Net and early head on labelled heads")
+    p.add_argument(
+        "--head",
+        nargs=2,
+        action="append",
+        type=Path,
+        required=True,
+        metavar=("T1", "MASK"),
+        help="a labelled head (repeat for several)",
+    )
+    p.add_argument("-o", "--output", type=Path, required=True, help="weights file to write (.safetensors)")
+    p.add_argument("--steps", type=int, default=1500, help="U-Net training steps")
+    p.add_argument("--head-steps", type=int, default=300, help="early-head training steps (U-Net frozen)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--width", type=int, default=16, help="base width of the U-Net (16 in the paper)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", type=Path, help="resumable checkpoint (default: OUTPUT.checkpoint)")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     p = sub.add_parser("evaluate", help="Dice, surface Dice and HD95 of a mask against a ground truth")
     p.add_argument("prediction", type=Path)
     p.add_argument("ground_truth", type=Path)
@@ -140,8 +162,13 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
             raise InputError(f"{output}: an adapter named {name!r} exists; choose another --name or pass --overwrite")
     check_output_path(output, overwrite=args.overwrite)
     config = AdaptConfig(
-        slices=args.slices, epochs=args.epochs, lr=args.lr, rank=args.rank,
-        batch_size=args.batch_size, seed=args.seed, device=args.device,
+        slices=args.slices,
+        epochs=args.epochs,
+        lr=args.lr,
+        rank=args.rank,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
     )
     config.check()
     volume = load_volume(args.input)
@@ -155,7 +182,9 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
                 bar.set_postfix(epoch=f"{report.epoch}/{report.epochs}", loss=f"{report.loss:.4f}", refresh=False)
                 bar.update(1)
             elif isinstance(report, EpochReport) and bar is not None:
-                bar.write(f"epoch {report.epoch}/{report.epochs}: loss {report.loss:.4f}, agreement {report.agreement:.4f}")
+                bar.write(
+                    f"epoch {report.epoch}/{report.epochs}: loss {report.loss:.4f}, agreement {report.agreement:.4f}"
+                )
             elif isinstance(report, (AdaptDone, AdaptCancelled)):
                 done = report
     finally:
@@ -181,13 +210,81 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
-def _progress_bar():
+def _progress_bar(desc: str = "adapting"):
     """A tqdm bar on stderr when it is a terminal; None otherwise (logs and pipes stay clean)."""
     if not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
-    return tqdm(total=None, desc="adapting", unit="step", file=sys.stderr)
+    return tqdm(total=None, desc=desc, unit="step", file=sys.stderr)
+
+
+def cmd_train_source(args: argparse.Namespace) -> dict:
+    import hashlib
+    import shlex
+    import subprocess
+
+    import torch
+
+    from .model import save_model
+    from .nifti import check_output_path
+    from .training import TrainConfig, TrainDone, TrainStep, load_heads, train_source
+
+    check_output_path(args.output, overwrite=args.overwrite)
+    for name in ("steps", "head_steps", "batch_size", "width"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    config = TrainConfig(
+        steps=args.steps,
+        head_steps=args.head_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        width=args.width,
+        seed=args.seed,
+        device=args.device,
+    )
+    checkpoint = args.checkpoint or args.output.with_name(args.output.name + ".checkpoint")
+    heads = load_heads([(Path(t1), Path(mask)) for t1, mask in args.head])
+    bar = _progress_bar("training")
+    done = None
+    for report in train_source(heads, config, checkpoint):
+        if isinstance(report, TrainStep) and bar is not None:
+            bar.total = report.total_steps
+            bar.n = report.step
+            bar.set_postfix(phase=report.phase, loss=f"{report.loss:.4f}")
+        elif isinstance(report, TrainDone):
+            done = report
+    if bar is not None:
+        bar.close()
+    assert done is not None
+    try:
+        revision = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or None
+        )
+    except OSError:
+        revision = None
+    training = {
+        "command": "convlora " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("convlora") else shlex.join(sys.argv),
+        "config": {k: v for k, v in config.__dict__.items()},
+        "data": [
+            {
+                "t1": str(t1),
+                "mask": str(mask),
+                "t1_sha256": hashlib.sha256(Path(t1).read_bytes()).hexdigest(),
+                "mask_sha256": hashlib.sha256(Path(mask).read_bytes()).hexdigest(),
+            }
+            for t1, mask in args.head
+        ],
+        "git_revision": revision,
+        "torch": torch.__version__,
+        "seconds": round(done.seconds, 1),
+    }
+    model_id = save_model(done.model, args.output, training=training)
+    checkpoint.unlink(missing_ok=True)
+    return {"model": str(args.output), "model_id": model_id, "seconds": round(done.seconds, 1)}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
@@ -205,7 +302,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     return evaluate(pred.data, gt.data, pred.spacing, args.tolerance)
 
 
-COMMANDS = {"segment": cmd_segment, "adapt": cmd_adapt, "evaluate": cmd_evaluate}
+COMMANDS = {"segment": cmd_segment, "adapt": cmd_adapt, "train-source": cmd_train_source, "evaluate": cmd_evaluate}
 
 
 def _json_safe(value):
@@ -223,10 +320,16 @@ def _print_human(command: str, result: dict) -> None:
     if command == "evaluate":
         print(
             f"Dice {result['dice']:.4f}  surface Dice @ {result['tolerance_mm']:g} mm {result['surface_dice']:.4f}  "
-            f"HD95 {result['hd95_mm']:.2f} mm  volume {result['volume_ml_pred']:.1f} ml (ground truth {result['volume_ml_gt']:.1f} ml)"
+            f"HD95 {result['hd95_mm']:.2f} mm  volume {result['volume_ml_pred']:.1f} ml "
+            f"(ground truth {result['volume_ml_gt']:.1f} ml)"
         )
+    elif command == "train-source":
+        print(f"{result['model']}: model {result['model_id'][:12]}, {result['seconds']:.0f} s")
     elif command == "segment":
-        print(f"{result['output']}: brain {result['volume_ml']:.1f} ml, adapter {result['adapter']}, {result['seconds']:.1f} s")
+        print(
+            f"{result['output']}: brain {result['volume_ml']:.1f} ml, adapter {result['adapter']}, "
+            f"{result['seconds']:.1f} s"
+        )
     else:
         print(
             f"{result['adapter']}: adapter {result['name']!r}, {result['trainable_parameters']} trainable parameters, "
@@ -244,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: report, do not dump a traceback
+    except Exception as exc:
         if os.environ.get("CONVLORA_DEBUG"):
             raise
         print(f"internal error: {type(exc).__name__}: {exc} (set CONVLORA_DEBUG=1 for a traceback)", file=sys.stderr)

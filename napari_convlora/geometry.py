@@ -44,7 +44,7 @@ class SliceGeometry:
         """Pixel size of the model's slices in mm (rows, columns)."""
         return tuple(
             s if n == m else s * n / m
-            for s, n, m in zip(self.ras_spacing[1:], self.ras_shape[1:], self.plane_shape)
+            for s, n, m in zip(self.ras_spacing[1:], self.ras_shape[1:], self.plane_shape, strict=True)
         )
 
     @property
@@ -105,7 +105,7 @@ def _resize_plane(stack: np.ndarray, shape: tuple[int, int], order: int) -> np.n
         (stack.shape[0], *shape),
         order=order,
         mode="edge",
-        anti_aliasing=order > 0 and any(n < m for n, m in zip(shape, stack.shape[1:])),
+        anti_aliasing=order > 0 and any(n < m for n, m in zip(shape, stack.shape[1:], strict=True)),
         preserve_range=True,
     ).astype(np.float32)
 
@@ -129,15 +129,17 @@ def scale_intensity(ras: np.ndarray) -> np.ndarray:
 def plan(volume: Volume) -> tuple[SliceGeometry, np.ndarray]:
     """Plan the slicing of ``volume``; return the geometry and the scaled RAS volume."""
     ornt = orientations.io_orientation(volume.affine)
-    ras = orientations.apply_orientation(volume.data, orientations.ornt_transform(ornt, orientations.axcodes2ornt("RAS")))
+    ras = orientations.apply_orientation(
+        volume.data, orientations.ornt_transform(ornt, orientations.axcodes2ornt("RAS"))
+    )
     spacing_file = volume.spacing
     ras_spacing = [0.0, 0.0, 0.0]
     for file_axis, (ras_axis, _) in enumerate(ornt):
         ras_spacing[int(ras_axis)] = spacing_file[file_axis]
     scaled = scale_intensity(ras)
     plane_shape = tuple(
-        n if abs(s - PLANE_SPACING_MM) <= _SPACING_TOLERANCE else max(int(round(n * s / PLANE_SPACING_MM)), 1)
-        for n, s in zip(ras.shape[1:], ras_spacing[1:])
+        n if abs(s - PLANE_SPACING_MM) <= _SPACING_TOLERANCE else max(round(n * s / PLANE_SPACING_MM), 1)
+        for n, s in zip(ras.shape[1:], ras_spacing[1:], strict=True)
     )
     head = _head_mask(scaled)
     x_range = _extent(head.any(axis=(1, 2)), ras.shape[0], HEAD_MARGIN_MM / ras_spacing[0])

@@ -54,24 +54,36 @@ def surface_distances(gt: np.ndarray, pred: np.ndarray, spacing) -> SurfaceDista
     union = gt | pred
     if not union.any():
         return SurfaceDistances(empty, empty, empty, empty)
-    lo = [int(np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != ax)))[0]) for ax in range(union.ndim)]
-    hi = [int(np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != ax)))[-1]) for ax in range(union.ndim)]
-    window = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
-    kernel = lookup_tables.ENCODE_NEIGHBOURHOOD_3D_KERNEL if gt.ndim == 3 else lookup_tables.ENCODE_NEIGHBOURHOOD_2D_KERNEL
+    lo = [
+        int(np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != ax)))[0])
+        for ax in range(union.ndim)
+    ]
+    hi = [
+        int(np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != ax)))[-1])
+        for ax in range(union.ndim)
+    ]
+    window = tuple(slice(a, b + 1) for a, b in zip(lo, hi, strict=True))
+    kernel = (
+        lookup_tables.ENCODE_NEIGHBOURHOOD_3D_KERNEL if gt.ndim == 3 else lookup_tables.ENCODE_NEIGHBOURHOOD_2D_KERNEL
+    )
     full = 0b11111111 if gt.ndim == 3 else 0b1111
     table = _area_table(spacing)
     spacing_arr = np.asarray(spacing)
 
-    def surfels(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        crop = np.zeros([b - a + 2 for a, b in zip(lo, hi)], np.uint8)
-        crop[tuple(slice(0, -1) for _ in lo)] = mask[window]
-        code = ndimage.correlate(crop, kernel, mode="constant", cval=0).ravel()
+    # One correlation for both masks: gt in the low byte, pred in the high byte of a uint16.
+    crop = np.zeros([b - a + 2 for a, b in zip(lo, hi, strict=True)], np.uint16)
+    inner = tuple(slice(0, -1) for _ in lo)
+    crop[inner] = gt[window]
+    crop[inner] |= pred[window].astype(np.uint16) << 8
+    codes = ndimage.correlate(crop, kernel.astype(np.uint16), mode="constant", cval=0).ravel()
+    shape = crop.shape
+
+    def surfels(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         index = np.flatnonzero((code != 0) & (code != full))
         return index, table[code[index]]
 
-    shape = tuple(b - a + 2 for a, b in zip(lo, hi))
-    index_gt, areas_gt = surfels(gt)
-    index_pred, areas_pred = surfels(pred)
+    index_gt, areas_gt = surfels((codes & 0xFF).astype(np.uint8))
+    index_pred, areas_pred = surfels((codes >> 8).astype(np.uint8))
     return SurfaceDistances(
         _distances(index_gt, index_pred, shape, spacing_arr),
         _distances(index_pred, index_gt, shape, spacing_arr),
@@ -94,11 +106,15 @@ def _distances(index: np.ndarray, target: np.ndarray, shape: tuple[int, ...], sp
     if shared.all():
         return out
 
-    def points(flat: np.ndarray) -> np.ndarray:
-        return np.stack(np.unravel_index(flat, shape), axis=1) * spacing
-
-    tree = cKDTree(points(target), balanced_tree=False, compact_nodes=False)
-    out[~shared] = tree.query(points(index[~shared]), k=1)[0]
+    voxels = np.stack(np.unravel_index(index[~shared], shape), axis=1)
+    target_voxels = np.stack(np.unravel_index(target, shape), axis=1)
+    tree = cKDTree(target_voxels * spacing, balanced_tree=False, compact_nodes=False)
+    nearest = tree.query(voxels * spacing, k=1, workers=-1)[1]
+    # Distance from the integer offset, summed over axes in order, exactly as scipy's
+    # distance_transform_edt does: ties at the tolerance (common with anisotropic
+    # spacing) then round the same way as in the reference package.
+    offset = (target_voxels[nearest] - voxels).T * spacing[:, None]
+    out[~shared] = np.sqrt(np.add.reduce(offset * offset, axis=0))
     return out
 
 
@@ -108,9 +124,10 @@ def surface_dice(gt: np.ndarray, pred: np.ndarray, spacing, tolerance_mm: float 
 
 
 def surface_dice_from(sd: SurfaceDistances, tolerance_mm: float) -> float:
-    overlap = sd.surfel_areas_gt[sd.distances_gt_to_pred <= tolerance_mm].sum() + sd.surfel_areas_pred[
-        sd.distances_pred_to_gt <= tolerance_mm
-    ].sum()
+    overlap = (
+        sd.surfel_areas_gt[sd.distances_gt_to_pred <= tolerance_mm].sum()
+        + sd.surfel_areas_pred[sd.distances_pred_to_gt <= tolerance_mm].sum()
+    )
     total = sd.surfel_areas_gt.sum() + sd.surfel_areas_pred.sum()
     return float(overlap / total) if total > 0 else float("nan")
 

@@ -84,7 +84,9 @@ class UNet2D(nn.Module):
 
     @staticmethod
     def _down(c_in: int, c_out: int) -> nn.Sequential:
-        return nn.Sequential(nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 2, stride=2, bias=False), nn.ReLU(), *_blocks(c_out))
+        return nn.Sequential(
+            nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 2, stride=2, bias=False), nn.ReLU(), *_blocks(c_out)
+        )
 
     @staticmethod
     def _up(c_in: int, c_out: int) -> nn.Sequential:
@@ -218,6 +220,19 @@ def read_metadata(path: Path, expected_format: str) -> dict:
     return metadata
 
 
+def check_tensors(where, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], problem: str) -> None:
+    """Refuse missing or unexpected tensor names, and wrong shapes or dtypes, naming the first few."""
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise InputError(f"{where}: {problem} (missing {missing[:3]}, unexpected {extra[:3]})")
+    for name, t in tensors.items():
+        want = expected[name]
+        if t.shape != want.shape or t.dtype != want.dtype:
+            raise InputError(
+                f"{where}: tensor {name} is {t.dtype}{tuple(t.shape)}, expected {want.dtype}{tuple(want.shape)}"
+            )
+
+
 def load_model(path: str | os.PathLike) -> BaseModel:
     """Load a model written by :func:`save_model`, checking format, architecture and tensors."""
     path = Path(path)
@@ -233,12 +248,7 @@ def load_model(path: str | os.PathLike) -> BaseModel:
     except (SafetensorError, OSError) as exc:
         raise InputError(f"{path}: cannot read the tensors ({exc})") from None
     expected = model.state_dict()
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise InputError(f"{path}: tensors do not match the architecture (missing {missing[:3]}, unexpected {extra[:3]})")
-    for name, t in tensors.items():
-        if t.shape != expected[name].shape or t.dtype != expected[name].dtype:
-            raise InputError(f"{path}: tensor {name} is {t.dtype}{tuple(t.shape)}, expected {expected[name].dtype}{tuple(expected[name].shape)}")
+    check_tensors(path, tensors, expected, "tensors do not match the architecture")
     model.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
     model.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
     model.metadata = metadata

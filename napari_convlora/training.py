@@ -1,0 +1,241 @@
+"""Training the source model: the U-Net on labelled heads, then the Early Segmentation Head.
+
+Two real heads cannot teach a network much about other people and scanners,
+so every sample is augmented: a random 2D affine (rotation, scale, shear,
+translation), flips, a random crop (field of view), and intensity changes
+(gamma, a smooth multiplicative bias field, blur, noise, contrast). The early
+head is trained afterwards on the same labels with the U-Net frozen, as in the
+ConvLoRA paper.
+
+:func:`train_source` is a generator of progress reports that writes a
+checkpoint (safetensors: model and Adam moments; JSON: step and settings) every
+``checkpoint_every`` steps and resumes from it. Each step's randomness derives
+from (seed, step), so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from scipy import ndimage
+
+from .device import pick_device
+from .errors import InputError
+from .geometry import plan
+from .model import METADATA_KEY, BaseModel, build_model
+from .nifti import atomic_write, load_mask, load_volume
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1500
+    head_steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    crop: tuple[int, int] = (192, 160)
+    width: int = 16
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 50
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    phase: str  # "unet" or "head"
+    step: int  # 1-based over both phases
+    total_steps: int
+    loss: float
+    elapsed_s: float
+    eta_s: float
+
+
+@dataclass(frozen=True)
+class TrainDone:
+    model: BaseModel
+    seconds: float
+
+
+@dataclass
+class Head:
+    """One labelled head in model space: (n_slices, H, W) image stack and mask stack."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    name: str
+
+
+def load_heads(pairs: Sequence[tuple[Path, Path]]) -> list[Head]:
+    heads = []
+    for t1_path, mask_path in pairs:
+        volume, mask = load_volume(t1_path), load_mask(mask_path)
+        if mask.data.shape != volume.data.shape or not np.allclose(mask.affine, volume.affine, atol=1e-3):
+            raise InputError(f"{mask_path}: not on the voxel grid of {t1_path}")
+        geometry, scaled = plan(volume)
+        images = geometry.to_model(scaled)
+        masks = geometry.to_model(geometry.to_ras(mask.data).astype(np.float32), order=1) > 0.5
+        heads.append(Head(images, masks.astype(np.float32), Path(t1_path).name))
+    return heads
+
+
+def _bias_field(rng: np.random.Generator, shape: tuple[int, int], strength: float) -> np.ndarray:
+    coarse = rng.normal(0.0, strength, (4, 4))
+    field = ndimage.zoom(coarse, (shape[0] / 4, shape[1] / 4), order=3, mode="nearest")[: shape[0], : shape[1]]
+    return np.exp(field)
+
+
+def augment(
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """One randomly deformed, cropped and re-contrasted (image, mask) pair of size ``crop``."""
+    h, w = image.shape
+    angle = np.deg2rad(rng.uniform(-20, 20))
+    scale = rng.uniform(0.8, 1.25) * np.exp(rng.normal(0, 0.05, 2))
+    shear = rng.uniform(-0.1, 0.1)
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    matrix = rot @ np.array([[1.0, shear], [0.0, 1.0]]) @ np.diag(1.0 / scale)
+    # Output pixel o samples input at matrix @ (o - out_centre) + in_centre + shift.
+    out_centre = (np.array(crop) - 1) / 2
+    in_centre = (np.array([h, w]) - 1) / 2 + rng.uniform(-0.15, 0.15, 2) * np.array([h, w])
+    offset = in_centre - matrix @ out_centre
+    img = ndimage.affine_transform(image, matrix, offset, output_shape=crop, order=1, mode="constant", cval=0.0)
+    msk = ndimage.affine_transform(mask, matrix, offset, output_shape=crop, order=1, mode="constant", cval=0.0)
+    if rng.random() < 0.5:
+        img, msk = img[::-1], msk[::-1]
+    if rng.random() < 0.5:
+        img, msk = img[:, ::-1], msk[:, ::-1]
+    img = np.clip(img, 0.0, 1.0)
+    if rng.random() < 0.3:  # resolution loss: thicker slices / lower in-plane resolution
+        img = ndimage.gaussian_filter(img, sigma=rng.uniform(0.3, 1.5, 2))
+    img = img ** np.exp(rng.normal(0, 0.3))  # gamma: tissue contrast
+    img = img * _bias_field(rng, crop, rng.uniform(0.0, 0.3))
+    img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.05, 0.05)
+    img = img + rng.normal(0, rng.uniform(0.0, 0.05), crop)
+    return np.clip(img, 0.0, 1.5).astype(np.float32), (msk > 0.5).astype(np.float32)
+
+
+def sample_batch(heads: list[Head], rng: np.random.Generator, batch_size: int, crop: tuple[int, int]):
+    images, masks = [], []
+    for _ in range(batch_size):
+        head = heads[rng.integers(len(heads))]
+        with_brain = np.flatnonzero(head.masks.any(axis=(1, 2)))
+        index = rng.choice(with_brain) if rng.random() < 0.85 and len(with_brain) else rng.integers(len(head.images))
+        image, mask = augment(head.images[index], head.masks[index], rng, crop)
+        images.append(image)
+        masks.append(mask)
+    return torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(masks)[:, None])
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE plus soft Dice: BCE for calibrated probabilities, Dice so thin boundaries matter."""
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum(dim=(1, 2, 3))
+    soft_dice = (2 * inter + 1) / (prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3)) + 1)
+    return F.binary_cross_entropy_with_logits(logits, target) + (1 - soft_dice).mean()
+
+
+def _save_checkpoint(
+    path: Path, model: BaseModel, optimizer: torch.optim.Optimizer, phase: str, step: int, config: TrainConfig
+) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for i, state in optimizer.state_dict()["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            tensors[f"optimizer.{i}.{key}"] = state[key].detach().cpu().contiguous()
+        tensors[f"optimizer.{i}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+    meta = {"format": "convlora-checkpoint", "phase": phase, "step": step, "config": asdict(config)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)}))
+
+
+def _load_checkpoint(path: Path, model: BaseModel, config: TrainConfig) -> tuple[str, int, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads(fh.metadata()[METADATA_KEY])
+    saved = {k: v for k, v in meta["config"].items() if k not in ("device", "checkpoint_every", "steps", "head_steps")}
+    wanted = {k: v for k, v in asdict(config).items() if k in saved}
+    saved["crop"] = tuple(saved["crop"])
+    if saved != wanted:
+        raise InputError(f"{path}: checkpoint was made with other settings {saved}; use another --checkpoint")
+    tensors = load_file(str(path))
+    model.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+    model.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    moments = {k[len("optimizer.") :]: v for k, v in tensors.items() if k.startswith("optimizer.")}
+    return meta["phase"], int(meta["step"]), moments
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, moments: dict) -> None:
+    if not moments:
+        return
+    state = optimizer.state_dict()
+    for i in {int(k.split(".")[0]) for k in moments}:
+        state["state"][i] = {
+            "step": moments[f"{i}.step"][0].clone(),
+            "exp_avg": moments[f"{i}.exp_avg"],
+            "exp_avg_sq": moments[f"{i}.exp_avg_sq"],
+        }
+    optimizer.load_state_dict(state)
+
+
+def train_source(
+    heads: list[Head],
+    config: TrainConfig = TrainConfig(),
+    checkpoint: Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[TrainStep | TrainDone]:
+    """Train U-Net then early head; yield a report per step and finally :class:`TrainDone`."""
+    start = time.perf_counter()
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    model = build_model(config.width)
+    phase, done_steps, moments = "unet", 0, {}
+    if checkpoint is not None and checkpoint.exists():
+        phase, done_steps, moments = _load_checkpoint(checkpoint, model, config)
+    unet, head = model.unet.to(device), model.head.to(device)
+    total = config.steps + config.head_steps
+    first_step = done_steps
+    for current in ("unet", "head"):
+        n_steps = config.steps if current == "unet" else config.head_steps
+        offset = 0 if current == "unet" else config.steps
+        if done_steps >= offset + n_steps:
+            continue
+        params = list(unet.parameters()) if current == "unet" else list(head.parameters())
+        optimizer = torch.optim.Adam(params, lr=config.lr)
+        if phase == current:
+            _restore_optimizer(optimizer, moments)
+        for step in range(max(done_steps, offset) + 1, offset + n_steps + 1):
+            if should_stop is not None and should_stop():
+                return
+            local = step - offset
+            for group in optimizer.param_groups:  # cosine decay to 1% of the initial rate
+                group["lr"] = config.lr * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * (local - 1) / n_steps)))
+            rng = np.random.default_rng([config.seed, step])
+            x, y = (t.to(device) for t in sample_batch(heads, rng, config.batch_size, config.crop))
+            if current == "unet":
+                unet.train()
+                loss = segmentation_loss(unet(x), y)
+            else:
+                unet.eval()
+                head.train()
+                with torch.no_grad():
+                    deepest = unet.encode(x)[-1]
+                loss = segmentation_loss(head(deepest, x.shape[-2:]), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            elapsed = time.perf_counter() - start
+            rate = elapsed / (step - first_step)
+            yield TrainStep(current, step, total, loss.item(), elapsed, rate * (total - step))
+            if checkpoint is not None and (step % config.checkpoint_every == 0 or step == offset + n_steps):
+                _save_checkpoint(checkpoint, model, optimizer, current, step, config)
+        done_steps = offset + n_steps
+        phase = "head"
+        moments = {}
+    model.eval()
+    yield TrainDone(model.copy().eval(), time.perf_counter() - start)

@@ -1,0 +1,113 @@
+"""The self-training engine: reports, cancellation, reproducibility, and a base model never touched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_convlora.adapt import (
+    AdaptCancelled,
+    AdaptConfig,
+    AdaptDone,
+    EpochReport,
+    StepReport,
+    adapt,
+    run_adaptation,
+    select_slices,
+)
+from napari_convlora.adapters import apply_adapter
+from napari_convlora.errors import InputError
+
+QUICK = AdaptConfig(slices=4, epochs=2, batch_size=2, lr=1e-3, seed=0, device="cpu")
+
+
+def test_reports_in_order_and_a_usable_adapter(model, small_volume):
+    before = model.model_id
+    reports = list(adapt(model, small_volume, QUICK, name="quick"))
+    steps = [r for r in reports if isinstance(r, StepReport)]
+    epochs = [r for r in reports if isinstance(r, EpochReport)]
+    assert [r.step for r in steps] == [1, 2, 3, 4] and steps[-1].total_steps == 4
+    assert [r.epoch for r in epochs] == [1, 2]
+    assert all(np.isfinite(r.loss) and r.eta_s >= 0 for r in steps)
+    assert steps[-1].eta_s == 0
+    assert all(0.0 <= r.agreement <= 1.0 for r in epochs)
+    done = reports[-1]
+    assert isinstance(done, AdaptDone)
+    assert done.best_epoch == int(np.argmax(done.agreements)) + 1
+    assert done.adapter.base_model_id == before == model.model_id
+    assert done.adapter.metadata["slices"] == done.slice_indices and len(done.slice_indices) == 4
+    # The adapter changes the network (it learned something), the base stays as it was.
+    x = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(apply_adapter(model, done.adapter)(x), model.unet(x))
+
+
+def test_only_adapter_and_bn_change(model, small_volume):
+    done = run_adaptation(model, small_volume, QUICK)
+    lora = {k: v for k, v in done.adapter.tensors.items() if k.endswith("lora_B")}
+    assert any(torch.count_nonzero(v) for v in lora.values())  # B moved away from zero
+    adapted = apply_adapter(model, done.adapter, merge=False)
+    base_state = model.unet.state_dict()
+    for name, tensor in adapted.state_dict().items():
+        plain = name.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias")
+        if name.split(".")[0] in ("up1", "up2", "up3", "out_path", "shortcut0", "shortcut1", "shortcut2"):
+            assert torch.equal(tensor, base_state[plain]), name
+        elif ".conv." in name:
+            assert torch.equal(tensor, base_state[plain]), name  # frozen conv weights inside adapters
+
+
+def test_cancel_stops_within_a_step_and_leaves_the_base_alone(model, small_volume):
+    before = model.model_id
+    calls = {"n": 0}
+
+    def stop_after_two() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    reports = list(adapt(model, small_volume, QUICK, should_stop=stop_after_two))
+    assert isinstance(reports[-1], AdaptCancelled)
+    assert reports[-1].step == 2
+    assert sum(isinstance(r, StepReport) for r in reports) == 2
+    assert not any(isinstance(r, AdaptDone) for r in reports)
+    assert model.model_id == before
+
+
+def test_closing_the_generator_midway_leaves_the_base_alone(model, small_volume):
+    before = model.model_id
+    run = adapt(model, small_volume, QUICK)
+    next(run)
+    run.close()
+    assert model.model_id == before
+
+
+def test_seeded_runs_are_reproducible(model, small_volume):
+    a = run_adaptation(model, small_volume, QUICK).adapter.tensors
+    b = run_adaptation(model, small_volume, QUICK).adapter.tensors
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "seed": 1})).adapter.tensors
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_slice_selection_spreads_over_the_head_and_skips_empty_slices():
+    stack = np.zeros((100, 16, 16), np.float32)
+    stack[20:80, 4:12, 4:12] = 1.0
+    picked = select_slices(stack, 10)
+    assert len(picked) == 10 and picked == sorted(picked)
+    assert all(20 <= i < 80 for i in picked)
+    assert picked[0] < 30 and picked[-1] >= 70
+    assert select_slices(stack, 500) == list(range(20, 80))
+
+
+def test_given_slice_indices_are_used_and_checked(model, small_volume):
+    config = AdaptConfig(**{**QUICK.__dict__, "slice_indices": [10, 12], "epochs": 1})
+    assert run_adaptation(model, small_volume, config).slice_indices == [10, 12]
+    with pytest.raises(InputError, match="outside"):
+        run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "slice_indices": [10_000]}))
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("slices", 0), ("lr", -1.0), ("rank", 0), ("batch_size", 0)])
+def test_bad_settings_are_refused(model, small_volume, field, value):
+    with pytest.raises(InputError):
+        run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, field: value}))

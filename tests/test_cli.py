@@ -1,0 +1,272 @@
+"""The ``convlora`` command line: one JSON object with --json, exit codes 0/1/2, no partial outputs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_convlora.cli import main
+from napari_convlora.model import save_model
+
+from .conftest import DATA, SAMPLE_MASK, make_model
+
+
+@pytest.fixture(autouse=True)
+def _library(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVLORA_HOME", str(tmp_path / "home"))
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_json(out: str) -> dict:
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1, out
+    return json.loads(lines[0])
+
+
+def test_segment_json(capsys, tmp_path, small_path, model_file):
+    out_path = tmp_path / "mask.nii.gz"
+    code, out, err = run(capsys, "segment", small_path, "-o", out_path, "--model", model_file, "--json")
+    assert code == 0, err
+    result = _one_json(out)
+    assert set(result) == {"input", "output", "adapter", "seconds", "volume_ml"}
+    assert result["adapter"] == "none" and Path(result["output"]) == out_path
+    written, source = nib.load(str(out_path)), nib.load(str(small_path))
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    assert written.get_data_dtype() == np.uint8
+
+
+def test_adapt_to_library_then_segment_by_name(capsys, tmp_path, small_path, model_file):
+    code, out, err = run(
+        capsys,
+        "adapt",
+        small_path,
+        "--name",
+        "scanner-a",
+        "--model",
+        model_file,
+        "--slices",
+        2,
+        "--epochs",
+        1,
+        "--json",
+    )
+    assert code == 0, err
+    result = _one_json(out)
+    assert {"adapter", "name", "trainable_parameters", "seconds"} <= set(result)
+    assert result["name"] == "scanner-a" and result["trainable_parameters"] > 0
+    assert Path(result["adapter"]) == tmp_path / "home" / "adapters" / "scanner-a.safetensors"
+    code, out, err = run(
+        capsys,
+        "segment",
+        small_path,
+        "-o",
+        tmp_path / "m.nii.gz",
+        "--model",
+        model_file,
+        "--adapter",
+        "scanner-a",
+        "--json",
+    )
+    assert code == 0, err
+    assert _one_json(out)["adapter"] == "scanner-a"
+    # The same name again is refused rather than overwritten.
+    code, _, err = run(capsys, "adapt", small_path, "--name", "scanner-a", "--model", model_file, "--epochs", 1)
+    assert code == 2 and "exists" in err
+
+
+def test_adapt_to_explicit_path(capsys, tmp_path, small_path, model_file):
+    target = tmp_path / "a.safetensors"
+    code, out, err = run(
+        capsys, "adapt", small_path, "-o", target, "--model", model_file, "--slices", 2, "--epochs", 1, "--json"
+    )
+    assert code == 0, err
+    assert Path(_one_json(out)["adapter"]) == target and target.exists()
+    code, out, err = run(
+        capsys, "segment", small_path, "-o", tmp_path / "m.nii.gz", "--model", model_file, "--adapter", target, "--json"
+    )
+    assert code == 0, err
+
+
+def test_evaluate_json_matches_known_figures(capsys):
+    code, out, err = run(capsys, "evaluate", DATA / "colin27_mask_deepbet.nii.gz", SAMPLE_MASK, "--json")
+    assert code == 0, err
+    result = _one_json(out)
+    assert set(result) == {"dice", "surface_dice", "hd95_mm", "tolerance_mm", "volume_ml_pred", "volume_ml_gt"}
+    # shared/data/README.md: colin27 deepbet vs consensus, Dice 0.988, surface Dice @ 1 mm 0.924
+    assert round(result["dice"], 3) == 0.988 and round(result["surface_dice"], 3) == 0.924
+    code, out, _ = run(capsys, "evaluate", DATA / "colin27_mask_deepbet.nii.gz", SAMPLE_MASK)
+    assert code == 0 and "surface Dice @ 1 mm 0.9236" in out
+
+
+# --- bad input: exit 2, one line "error: ...", no output left behind ---------------------------
+
+
+def _expect_input_error(capsys, argv, needle: str, leftover_dir: Path | None = None):
+    before = sorted(os.listdir(leftover_dir)) if leftover_dir else None
+    code, out, err = run(capsys, *argv)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in err and out == ""
+    if leftover_dir is not None:
+        assert sorted(os.listdir(leftover_dir)) == before
+
+
+def _bad_inputs(tmp: Path, small_path: Path) -> dict[str, tuple[Path, str]]:
+    rng = np.random.default_rng(0)
+    files = {}
+    (tmp / "text.nii.gz").write_bytes(gzip.compress(b"not an image " * 40))
+    files["not nifti"] = (tmp / "text.nii.gz", "text.nii.gz")
+    raw = small_path.read_bytes()
+    (tmp / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])
+    files["truncated"] = (tmp / "cut.nii.gz", "truncated")
+    for name, data, needle in [
+        ("flat.nii", rng.random((30, 30)).astype(np.float32), "2D"),
+        ("series.nii", rng.random((12, 12, 12, 4)).astype(np.float32), "4D series"),
+        ("zeros.nii", np.zeros((12, 12, 12), np.float32), "constant"),
+    ]:
+        nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp / name))
+        files[name] = (tmp / name, needle)
+    nan = rng.random((12, 12, 12)).astype(np.float32)
+    nan[1, 2, 3] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), str(tmp / "nan.nii"))
+    files["nan"] = (tmp / "nan.nii", "NaN or Inf")
+    raw = bytearray((tmp / "nan.nii").read_bytes())
+    raw[80:84] = np.float32(0.0).tobytes()  # pixdim[1] = 0
+    fixed = rng.random((12, 12, 12)).astype(np.float32).tobytes()
+    (tmp / "zero_voxel.nii").write_bytes(bytes(raw[: len(raw) - len(fixed)]) + fixed)
+    files["zero voxel"] = (tmp / "zero_voxel.nii", "voxel sizes must be positive")
+    files["missing"] = (tmp / "absent.nii.gz", "no such file")
+    return files
+
+
+@pytest.mark.parametrize(
+    "case", ["not nifti", "truncated", "flat.nii", "series.nii", "zeros.nii", "nan", "zero voxel", "missing"]
+)
+def test_segment_and_adapt_refuse_bad_volumes(capsys, tmp_path, small_path, model_file, case):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    path, needle = _bad_inputs(bad, small_path)[case]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    _expect_input_error(capsys, ["segment", path, "-o", out_dir / "m.nii.gz", "--model", model_file], needle, out_dir)
+    _expect_input_error(
+        capsys, ["adapt", path, "-o", out_dir / "a.safetensors", "--model", model_file], needle, out_dir
+    )
+    _expect_input_error(capsys, ["evaluate", path, SAMPLE_MASK], needle if case != "zeros.nii" else "grid")
+
+
+def test_evaluate_refuses_a_ground_truth_on_another_grid(capsys, tmp_path):
+    gt = nib.load(str(SAMPLE_MASK))
+    shifted = nib.Nifti1Image(np.asarray(gt.dataobj), gt.affine @ np.diag([1.0, 1.0, 1.2, 1.0]))
+    nib.save(shifted, str(tmp_path / "other.nii.gz"))
+    _expect_input_error(capsys, ["evaluate", SAMPLE_MASK, tmp_path / "other.nii.gz"], "same voxel grid")
+
+
+def test_refuses_an_adapter_made_for_another_base_model(capsys, tmp_path, small_path, model_file):
+    other = tmp_path / "other_model.safetensors"
+    save_model(make_model(4, seed=9), other)
+    code, _, err = run(
+        capsys, "adapt", small_path, "-o", tmp_path / "a.safetensors", "--model", other, "--slices", 2, "--epochs", 1
+    )
+    assert code == 0, err
+    _expect_input_error(
+        capsys,
+        [
+            "segment",
+            small_path,
+            "-o",
+            tmp_path / "m.nii.gz",
+            "--model",
+            model_file,
+            "--adapter",
+            tmp_path / "a.safetensors",
+        ],
+        "adapter made for base model",
+        tmp_path,
+    )
+
+
+def test_refuses_outputs_that_cannot_be_written(capsys, tmp_path, small_path, model_file):
+    _expect_input_error(
+        capsys,
+        ["segment", small_path, "-o", tmp_path / "nowhere" / "m.nii.gz", "--model", model_file],
+        "does not exist",
+    )
+    (tmp_path / "file").write_text("x")
+    _expect_input_error(
+        capsys, ["segment", small_path, "-o", tmp_path / "file" / "m.nii.gz", "--model", model_file], "not a folder"
+    )
+    _expect_input_error(
+        capsys, ["segment", small_path, "-o", small_path, "--model", model_file, "--overwrite"], "overwrite the input"
+    )
+    _expect_input_error(
+        capsys, ["segment", small_path, "-o", tmp_path / "m.png", "--model", model_file], ".nii or .nii.gz"
+    )
+    if os.geteuid() != 0:  # root writes anywhere; the check is then done by the write itself
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        _expect_input_error(
+            capsys, ["segment", small_path, "-o", locked / "m.nii.gz", "--model", model_file], "not writable"
+        )
+
+
+def test_unknown_adapter_model_and_usage_errors(capsys, tmp_path, small_path, model_file):
+    out = tmp_path / "m.nii.gz"
+    _expect_input_error(
+        capsys,
+        ["segment", small_path, "-o", out, "--model", model_file, "--adapter", "nope"],
+        "no adapter named 'nope'",
+    )
+    _expect_input_error(
+        capsys, ["segment", small_path, "-o", out, "--model", tmp_path / "absent.safetensors"], "no such file"
+    )
+    _expect_input_error(capsys, ["segment", small_path], "required")
+    _expect_input_error(capsys, ["adapt", small_path, "--epochs", "many"], "invalid int value")
+    _expect_input_error(capsys, ["frobnicate"], "invalid choice")
+    _expect_input_error(capsys, ["evaluate", SAMPLE_MASK, SAMPLE_MASK, "--tolerance", "-1"], "positive")
+
+
+def test_internal_errors_exit_1_without_traceback(capsys, monkeypatch, small_path, tmp_path, model_file):
+    import napari_convlora.inference as inference
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(inference, "segment", boom)
+    code, _out, err = run(capsys, "segment", small_path, "-o", tmp_path / "m.nii.gz", "--model", model_file)
+    assert code == 1 and "internal error" in err and "simulated failure" in err and "Traceback" not in err
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_console_script_runs_as_a_process(tmp_path, small_path, model_file):
+    """The installed entry point, as a pipeline calls it: exit codes and stdout JSON."""
+    exe = Path(sys.executable).parent / "convlora"
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "napari_convlora.cli"]
+    env = {**os.environ, "CONVLORA_HOME": str(tmp_path / "home")}
+    ok = subprocess.run(
+        [*command, "evaluate", SAMPLE_MASK, SAMPLE_MASK, "--json"], capture_output=True, text=True, env=env
+    )
+    assert ok.returncode == 0 and json.loads(ok.stdout)["dice"] == 1.0
+    bad = subprocess.run(
+        [*command, "segment", tmp_path / "absent.nii", "-o", tmp_path / "m.nii.gz", "--model", model_file],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stdout == ""
