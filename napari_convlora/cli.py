@@ -267,7 +267,7 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
     except OSError:
         revision = None
     training = {
-        "command": "convlora " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("convlora") else shlex.join(sys.argv),
+        "command": "convlora " + shlex.join(args.argv),
         "config": {k: v for k, v in config.__dict__.items()},
         "data": [
             {
@@ -339,7 +339,9 @@ def _print_human(command: str, result: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
+        args.argv = argv  # recorded in what train-source writes
         result = COMMANDS[args.command](args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

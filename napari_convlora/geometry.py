@@ -48,11 +48,6 @@ class SliceGeometry:
         )
 
     @property
-    def slice_shape(self) -> tuple[int, int]:
-        y0, y1, z0, z1 = self.crop
-        return (y1 - y0, z1 - z0)
-
-    @property
     def n_slices(self) -> int:
         return self.x_range[1] - self.x_range[0]
 

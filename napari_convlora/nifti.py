@@ -36,10 +36,6 @@ class Volume:
         """Voxel size in mm along each array axis (lengths of the affine's columns)."""
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
 
-    @property
-    def name(self) -> str:
-        return str(self.path) if self.path is not None else "<array>"
-
 
 def is_nifti_path(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)

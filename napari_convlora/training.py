@@ -69,7 +69,6 @@ class Head:
 
     images: np.ndarray
     masks: np.ndarray
-    name: str
 
 
 def load_heads(pairs: Sequence[tuple[Path, Path]]) -> list[Head]:
@@ -81,7 +80,7 @@ def load_heads(pairs: Sequence[tuple[Path, Path]]) -> list[Head]:
         geometry, scaled = plan(volume)
         images = geometry.to_model(scaled)
         masks = geometry.to_model(geometry.to_ras(mask.data).astype(np.float32), order=1) > 0.5
-        heads.append(Head(images, masks.astype(np.float32), Path(t1_path).name))
+        heads.append(Head(images, masks.astype(np.float32)))
     return heads
 
 

@@ -38,6 +38,15 @@ def small_path(tmp_path_factory, sample_img) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_mask_path(tmp_path_factory) -> Path:
+    """The sample's consensus mask on the 4 mm grid of ``small_path``."""
+    small = resample_to_output(nib.load(str(SAMPLE_MASK)), voxel_sizes=(4.0, 4.0, 4.0), order=1)
+    path = tmp_path_factory.mktemp("small_mask") / "mask4mm.nii.gz"
+    nib.save(nib.Nifti1Image((np.asarray(small.dataobj) > 0.5).astype(np.uint8), small.affine), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def small_volume(small_path) -> Volume:
     return load_volume(small_path)
 

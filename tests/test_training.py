@@ -1,0 +1,90 @@
+"""Source training: augmentation, loss going down, and a resumed run equal to an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_convlora.cli import main
+from napari_convlora.model import load_model
+from napari_convlora.training import TrainConfig, TrainDone, TrainStep, augment, load_heads, train_source
+
+
+@pytest.fixture(scope="module")
+def heads(small_path, small_mask_path):
+    return load_heads([(small_path, small_mask_path)])
+
+
+TINY = TrainConfig(
+    steps=6, head_steps=2, batch_size=2, lr=3e-3, crop=(64, 64), width=4, seed=0, device="cpu", checkpoint_every=3
+)
+
+
+def test_augment_is_seeded_and_keeps_masks_binary(heads):
+    image, mask = heads[0].images[20], heads[0].masks[20]
+    a = augment(image, mask, np.random.default_rng(1), (64, 48))
+    b = augment(image, mask, np.random.default_rng(1), (64, 48))
+    assert a[0].shape == a[1].shape == (64, 48)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert set(np.unique(a[1])) <= {0.0, 1.0}
+
+
+def test_a_few_steps_lower_the_loss(heads):
+    config = TrainConfig(**{**TINY.__dict__, "steps": 30, "head_steps": 1})
+    losses = [r.loss for r in train_source(heads, config) if isinstance(r, TrainStep) and r.phase == "unet"]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_resume_continues_exactly(tmp_path, heads):
+    straight = next(r for r in train_source(heads, TINY) if isinstance(r, TrainDone)).model
+    checkpoint = tmp_path / "run.checkpoint"
+    seen = []
+
+    def stop_at_step_5() -> bool:
+        return len(seen) >= 5
+
+    for report in train_source(heads, TINY, checkpoint, should_stop=stop_at_step_5):
+        seen.append(report)
+    assert checkpoint.exists() and len(seen) == 5
+    resumed_reports = list(train_source(heads, TINY, checkpoint))
+    assert [r.step for r in resumed_reports if isinstance(r, TrainStep)] == [4, 5, 6, 7, 8]  # from checkpoint 3
+    resumed = resumed_reports[-1].model
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_train_source_cli_records_how_the_weights_were_made(capsys, tmp_path, small_path, small_mask_path):
+    out = tmp_path / "model.safetensors"
+    code = main(
+        [
+            "train-source",
+            "--head",
+            str(small_path),
+            str(small_mask_path),
+            "-o",
+            str(out),
+            "--steps",
+            "2",
+            "--head-steps",
+            "1",
+            "--width",
+            "4",
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    model = load_model(out)
+    assert result["model_id"] == model.model_id
+    training = model.metadata["training"]
+    assert "train-source" in training["command"] and training["config"]["seed"] == 0
+    assert len(training["data"][0]["t1_sha256"]) == 64
+    assert not (tmp_path / "model.safetensors.checkpoint").exists()
