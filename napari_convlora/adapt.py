@@ -114,17 +114,20 @@ def slices_for(stack: np.ndarray, config: AdaptConfig) -> list[int]:
     return sorted(set(indices))
 
 
-def reestimate_bn(unet: UNet2D, images: torch.Tensor, batch_size: int) -> None:
-    """AdaBN: replace the encoder BN running statistics by the exact statistics of ``images``."""
+def reestimate_bn(unet: UNet2D, images: torch.Tensor) -> None:
+    """AdaBN: set the encoder BN running statistics to the exact statistics of ``images``.
+
+    One pass over all target slices at once (a handful, by design): averaging
+    per-batch variances instead would miss the variance between batches.
+    """
     bns = [bn for _, bn in encoder_batchnorms(unet)]
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
-        bn.momentum = None  # cumulative average over the batches below
+        bn.momentum = None  # cumulative average: with one batch, exactly that batch's statistics
         bn.train()
     with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            unet.encode(images[start : start + batch_size])
+        unet.encode(images)
     for bn, momentum in zip(bns, momenta, strict=True):
         bn.momentum = momentum
 
@@ -182,7 +185,7 @@ def adapt(
     optimizer = torch.optim.Adam(trainable, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
 
-    reestimate_bn(unet, images, config.batch_size)
+    reestimate_bn(unet, images)
     steps_per_epoch = -(-len(indices) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     agreements: list[float] = []
@@ -210,7 +213,7 @@ def adapt(
             yield StepReport(
                 step, total_steps, epoch, config.epochs, losses[-1], elapsed, elapsed / step * (total_steps - step)
             )
-        reestimate_bn(unet, images, config.batch_size)
+        reestimate_bn(unet, images)
         agreements.append(agreement(unet, head, images, geometry, config.batch_size))
         if best_state is None or agreements[-1] > agreements[best_epoch - 1]:
             best_epoch = epoch

@@ -29,8 +29,8 @@ from torch import nn
 
 from . import __version__
 from .errors import InputError
+from .files import atomic_write
 from .model import METADATA_KEY, BaseModel, UNet2D, check_tensors, read_metadata
-from .nifti import atomic_write
 
 ADAPTER_FORMAT = "convlora-adapter"
 ADAPTER_FORMAT_VERSION = 1
@@ -210,25 +210,25 @@ def new_metadata(base: BaseModel, name: str, rank: int, alpha: float, **extra) -
     }
 
 
-def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
-    """Write the adapter atomically (temporary file, then rename)."""
+def save_adapter(adapter: Adapter, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the adapter atomically (temporary file, then publish); never replaces a file unless asked."""
     path = Path(path)
     tensors = {k: v.contiguous() for k, v in adapter.tensors.items()}
     text = json.dumps(adapter.metadata)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: text}))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: text}), overwrite=overwrite)
     return path
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:
     path = Path(path)
-    metadata = read_metadata(path, ADAPTER_FORMAT)
-    if int(metadata.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
-        raise InputError(
-            f"{path}: adapter format version {metadata['format_version']} is newer than this software reads"
-        )
-    for key in ("rank", "alpha", "base_model_id"):
-        if key not in metadata:
-            raise InputError(f"{path}: adapter metadata lacks '{key}'")
+    metadata = read_metadata(path, ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION)
+    rank, alpha, base_id = metadata.get("rank"), metadata.get("alpha"), metadata.get("base_model_id")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise InputError(f"{path}: adapter rank must be a positive integer, got {rank!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not (math.isfinite(alpha) and alpha > 0):
+        raise InputError(f"{path}: adapter alpha must be a positive number, got {alpha!r}")
+    if not isinstance(base_id, str) or len(base_id) != 64:
+        raise InputError(f"{path}: adapter metadata has no valid base_model_id")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:

@@ -63,10 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, default=1e-4)
     p.add_argument("--rank", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("-o", "--output", type=Path, help="adapter file to write (default: the library, under NAME)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--overwrite", action="store_true", help="replace an adapter of the same name or path")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = sub.add_parser("simulate", help="apply a simulated scanner profile to a head (and its mask)")
+    p.add_argument("input", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="simulated volume to write (.nii or .nii.gz)")
+    p.add_argument("--profile", required=True, help="profile name (see: convlora profiles)")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--mask", type=Path, help="brain mask of INPUT, carried to the simulated grid")
+    p.add_argument("--mask-output", type=Path, help="where to write the carried mask (needs --mask)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = sub.add_parser("profiles", help="list the simulated scanner profiles")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
     p = sub.add_parser("train-source", help="train the source U-Net and early head on labelled heads")
@@ -85,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=_positive_float, default=1e-3)
     p.add_argument("--width", type=int, default=16, help="base width of the U-Net (16 in the paper)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--checkpoint", type=Path, help="resumable checkpoint (default: OUTPUT.checkpoint)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -112,25 +125,30 @@ def _load_base(model: Path | None):
     return load_model(model if model is not None else default_model_path())
 
 
-def _note(message: str) -> None:
-    print(message, file=sys.stderr)
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, got {text}")
+    return value
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
 
 
 def cmd_segment(args: argparse.Namespace) -> dict:
+    from .files import check_output_path
     from .inference import segment
     from .library import resolve_adapter
-    from .nifti import check_output_path, load_volume, save_mask
+    from .nifti import NIFTI_SUFFIXES, load_volume, save_mask
 
-    check_output_path(args.output, overwrite=args.overwrite)
-    if args.output.resolve() == args.input.resolve():
+    check_output_path(args.output, overwrite=args.overwrite, suffixes=NIFTI_SUFFIXES)
+    if _same_file(args.output, args.input):
         raise InputError(f"{args.output}: the output would overwrite the input")
     volume = load_volume(args.input)
     base = _load_base(args.model)
-    spec = args.adapter
-    if spec == "auto":
-        _note("note: automatic adapter choice is not available yet; using the source model (--adapter none)")
-        spec = "none"
-    adapter = resolve_adapter(spec)
+    # Automatic choice comes with the adapter library; until then "auto" is the source model.
+    adapter = resolve_adapter("none" if args.adapter == "auto" else args.adapter)
     start = time.perf_counter()
     result = segment(base, volume, adapter, device=args.device, cleanup=not args.no_cleanup)
     save_mask(result.mask, volume, args.output, overwrite=args.overwrite)
@@ -146,21 +164,23 @@ def cmd_segment(args: argparse.Namespace) -> dict:
 def cmd_adapt(args: argparse.Namespace) -> dict:
     from .adapt import AdaptCancelled, AdaptConfig, AdaptDone, EpochReport, StepReport, adapt
     from .adapters import save_adapter
+    from .files import check_output_path
     from .library import ADAPTER_SUFFIX, check_name, user_adapter_dir
-    from .nifti import check_output_path, load_volume
+    from .nifti import load_volume
 
     name = check_name(args.name or _stem(args.input))
     if args.output is not None:
         output = args.output
-        if output.suffix != ADAPTER_SUFFIX:
-            raise InputError(f"{output}: adapter files end in {ADAPTER_SUFFIX}")
     else:
         folder = user_adapter_dir()
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{folder}: cannot create the adapter library folder ({exc.strerror or exc})") from None
         output = folder / f"{name}{ADAPTER_SUFFIX}"
         if output.exists() and not args.overwrite:
             raise InputError(f"{output}: an adapter named {name!r} exists; choose another --name or pass --overwrite")
-    check_output_path(output, overwrite=args.overwrite)
+    check_output_path(output, overwrite=args.overwrite, suffixes=(ADAPTER_SUFFIX,))
     config = AdaptConfig(
         slices=args.slices,
         epochs=args.epochs,
@@ -191,7 +211,7 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
         if bar is not None:
             bar.close()
     assert isinstance(done, AdaptDone)
-    save_adapter(done.adapter, output)
+    save_adapter(done.adapter, output, overwrite=args.overwrite)
     return {
         "adapter": str(output),
         "name": name,
@@ -226,11 +246,19 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
 
     import torch
 
+    from .files import check_output_path
     from .model import save_model
-    from .nifti import check_output_path
     from .training import TrainConfig, TrainDone, TrainStep, load_heads, train_source
 
-    check_output_path(args.output, overwrite=args.overwrite)
+    check_output_path(args.output, overwrite=args.overwrite, suffixes=(".safetensors",))
+    checkpoint = args.checkpoint or args.output.with_name(args.output.name + ".checkpoint")
+    check_output_path(checkpoint, overwrite=True)
+    inputs = [Path(p) for pair in args.head for p in pair]
+    for path in (args.output, checkpoint):
+        if any(_same_file(path, other) for other in inputs):
+            raise InputError(f"{path}: would overwrite one of the --head inputs")
+    if _same_file(args.output, checkpoint):
+        raise InputError(f"{checkpoint}: the checkpoint cannot be the output file")
     for name in ("steps", "head_steps", "batch_size", "width"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
@@ -243,7 +271,6 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
         seed=args.seed,
         device=args.device,
     )
-    checkpoint = args.checkpoint or args.output.with_name(args.output.name + ".checkpoint")
     heads = load_heads([(Path(t1), Path(mask)) for t1, mask in args.head])
     bar = _progress_bar("training")
     done = None
@@ -282,9 +309,47 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "seconds": round(done.seconds, 1),
     }
-    model_id = save_model(done.model, args.output, training=training)
+    model_id = save_model(done.model, args.output, training=training, overwrite=args.overwrite)
     checkpoint.unlink(missing_ok=True)
     return {"model": str(args.output), "model_id": model_id, "seconds": round(done.seconds, 1)}
+
+
+def cmd_simulate(args: argparse.Namespace) -> dict:
+    from .files import check_output_path
+    from .nifti import NIFTI_SUFFIXES, load_mask, load_volume, save_volume
+    from .simulate import get_profile, simulate
+
+    get_profile(args.profile)
+    if (args.mask is None) != (args.mask_output is None):
+        raise InputError("--mask and --mask-output go together")
+    outputs = [args.output] + ([args.mask_output] if args.mask_output is not None else [])
+    for output in outputs:
+        check_output_path(output, overwrite=args.overwrite, suffixes=NIFTI_SUFFIXES)
+        if _same_file(output, args.input) or (args.mask is not None and _same_file(output, args.mask)):
+            raise InputError(f"{output}: the output would overwrite an input")
+    volume = load_volume(args.input)
+    mask = load_mask(args.mask) if args.mask is not None else None
+    simulated, simulated_mask = simulate(volume, mask, args.profile, seed=args.seed)
+    save_volume(simulated, args.output, overwrite=args.overwrite)
+    if simulated_mask is not None:
+        save_volume(simulated_mask, args.mask_output, overwrite=args.overwrite)
+    return {
+        "input": str(args.input),
+        "output": str(args.output),
+        "mask_output": str(args.mask_output) if args.mask_output else None,
+        "profile": args.profile,
+        "seed": args.seed,
+        "simulated": True,
+    }
+
+
+def cmd_profiles(args: argparse.Namespace) -> dict:
+    from .simulate import PROFILES, SOURCE_PROFILE
+
+    return {
+        "source": SOURCE_PROFILE,
+        "profiles": [{"name": p.name, "description": p.description} for p in PROFILES.values()],
+    }
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
@@ -302,7 +367,14 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     return evaluate(pred.data, gt.data, pred.spacing, args.tolerance)
 
 
-COMMANDS = {"segment": cmd_segment, "adapt": cmd_adapt, "train-source": cmd_train_source, "evaluate": cmd_evaluate}
+COMMANDS = {
+    "segment": cmd_segment,
+    "adapt": cmd_adapt,
+    "evaluate": cmd_evaluate,
+    "simulate": cmd_simulate,
+    "profiles": cmd_profiles,
+    "train-source": cmd_train_source,
+}
 
 
 def _json_safe(value):
@@ -323,6 +395,11 @@ def _print_human(command: str, result: dict) -> None:
             f"HD95 {result['hd95_mm']:.2f} mm  volume {result['volume_ml_pred']:.1f} ml "
             f"(ground truth {result['volume_ml_gt']:.1f} ml)"
         )
+    elif command == "profiles":
+        for profile in result["profiles"]:
+            print(f"{profile['name']:13s} {profile['description']}")
+    elif command == "simulate":
+        print(f"{result['output']}: {result['profile']} (simulated), seed {result['seed']}")
     elif command == "train-source":
         print(f"{result['model']}: model {result['model_id'][:12]}, {result['seconds']:.0f} s")
     elif command == "segment":

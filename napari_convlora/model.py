@@ -31,7 +31,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from .errors import InputError
-from .nifti import atomic_write
+from .files import atomic_write
 
 MODEL_FORMAT = "convlora-model"
 MODEL_FORMAT_VERSION = 1
@@ -185,7 +185,7 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def save_model(model: BaseModel, path: str | os.PathLike, training: dict | None = None) -> str:
+def save_model(model: BaseModel, path: str | os.PathLike, training: dict | None = None, overwrite: bool = True) -> str:
     """Write weights + metadata atomically; return the model id."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     model_id = tensors_sha256(tensors)
@@ -196,11 +196,12 @@ def save_model(model: BaseModel, path: str | os.PathLike, training: dict | None 
         "model_id": model_id,
         "training": training if training is not None else model.metadata.get("training", {}),
     }
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)}))
+    text = json.dumps(metadata)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: text}), overwrite=overwrite)
     return model_id
 
 
-def read_metadata(path: Path, expected_format: str) -> dict:
+def read_metadata(path: Path, expected_format: str, version: int) -> dict:
     """The JSON metadata of a convlora safetensors file, or InputError saying what is wrong."""
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -215,8 +216,14 @@ def read_metadata(path: Path, expected_format: str) -> dict:
         metadata = json.loads(raw)
     except json.JSONDecodeError:
         raise InputError(f"{path}: its '{METADATA_KEY}' metadata is not valid JSON") from None
-    if metadata.get("format") != expected_format:
-        raise InputError(f"{path}: is a {metadata.get('format')!r} file, expected {expected_format!r}")
+    if not isinstance(metadata, dict) or metadata.get("format") != expected_format:
+        found = metadata.get("format") if isinstance(metadata, dict) else type(metadata).__name__
+        raise InputError(f"{path}: is a {found!r} file, expected {expected_format!r}")
+    found_version = metadata.get("format_version")
+    if not isinstance(found_version, int) or isinstance(found_version, bool) or found_version < 1:
+        raise InputError(f"{path}: invalid format_version {found_version!r}")
+    if found_version > version:
+        raise InputError(f"{path}: format version {found_version} is newer than this software reads ({version})")
     return metadata
 
 
@@ -236,11 +243,14 @@ def check_tensors(where, tensors: dict[str, torch.Tensor], expected: dict[str, t
 def load_model(path: str | os.PathLike) -> BaseModel:
     """Load a model written by :func:`save_model`, checking format, architecture and tensors."""
     path = Path(path)
-    metadata = read_metadata(path, MODEL_FORMAT)
-    if int(metadata.get("format_version", 0)) > MODEL_FORMAT_VERSION:
-        raise InputError(f"{path}: model format version {metadata['format_version']} is newer than this software reads")
-    arch = metadata.get("architecture", {})
-    if arch.get("name") != "UNet2D" or not isinstance(arch.get("base_width"), int) or arch["base_width"] < 1:
+    metadata = read_metadata(path, MODEL_FORMAT, MODEL_FORMAT_VERSION)
+    arch = metadata.get("architecture")
+    if (
+        not isinstance(arch, dict)
+        or arch.get("name") != "UNet2D"
+        or not isinstance(arch.get("base_width"), int)
+        or arch["base_width"] < 1
+    ):
         raise InputError(f"{path}: unknown architecture {arch!r}")
     model = build_model(arch["base_width"])
     try:

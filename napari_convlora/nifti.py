@@ -9,8 +9,10 @@ clear refusal.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import InputError
+from .files import atomic_write, check_output_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -46,8 +49,6 @@ def load_volume(path: str | os.PathLike) -> Volume:
     path = Path(path)
     data, img = _load_image(path)
     data = _as_3d(data, path)
-    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
-        raise InputError(f"{path}: unsupported voxel type {data.dtype}")
     finite = np.isfinite(data)
     if not finite.all():
         raise InputError(f"{path}: {int(data.size - finite.sum())} voxels are NaN or Inf")
@@ -74,8 +75,9 @@ def _load_image(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     if not is_nifti_path(path):
         raise InputError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
     try:
-        img = nib.load(str(path))
-    except (nib.filebasedimages.ImageFileError, ValueError) as exc:
+        with _quiet_nibabel():
+            img = nib.load(str(path))
+    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, ValueError) as exc:
         raise InputError(f"{path}: not a readable NIfTI file ({_first_line(exc)})") from None
     except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{path}: cannot read the file, it may be truncated or corrupt ({_first_line(exc)})") from None
@@ -84,9 +86,23 @@ def _load_image(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
     _check_geometry(path, img)
     try:
         data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, ValueError, zlib.error) as exc:
+    except (OSError, EOFError, ValueError, zlib.error, nib.spatialimages.ImageDataError) as exc:
         raise InputError(f"{path}: the image data is truncated or corrupt ({_first_line(exc)})") from None
+    if data.dtype.fields is not None or not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise InputError(f"{path}: unsupported voxel type {data.dtype} (need real numbers: integers or floats)")
     return data, img
+
+
+@contextmanager
+def _quiet_nibabel():
+    """nibabel logs header repairs to stderr; we report problems ourselves, in one line."""
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check_geometry(path: Path, img: nib.Nifti1Image) -> None:
@@ -106,7 +122,7 @@ def _raw_pixdim(path: Path, header_class: type) -> np.ndarray:
     """pixdim exactly as written in the file, before nibabel's repairs."""
     opener = gzip.open if str(path).lower().endswith(".gz") else open
     try:
-        with opener(path, "rb") as fh:
+        with opener(path, "rb") as fh, _quiet_nibabel():
             raw = header_class.from_fileobj(fh, check=False)
     except (OSError, EOFError, zlib.error, ValueError) as exc:
         raise InputError(f"{path}: cannot read the NIfTI header ({_first_line(exc)})") from None
@@ -131,56 +147,21 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check before any work that ``path`` can be written: folder exists and is writable."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.exists():
-        raise InputError(f"{path}: the output folder {folder} does not exist")
-    if not folder.is_dir():
-        raise InputError(f"{path}: {folder} is not a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"{path}: the output folder {folder} is not writable")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder; give a file name")
-    if path.exists() and not overwrite:
-        raise InputError(f"{path}: already exists (pass --overwrite to replace it)")
+def save_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``volume.data`` exactly (no intensity scaling) with its affine and header, atomically."""
+    path = check_output_path(path, overwrite=overwrite, suffixes=NIFTI_SUFFIXES)
+    image_class = nib.Nifti2Image if isinstance(volume.header, nib.Nifti2Header) else nib.Nifti1Image
+    img = image_class(volume.data, volume.affine, volume.header)
+    img.header.set_slope_inter(1.0, 0.0)  # never let an input's scl_slope/inter rescale what we write
+    atomic_write(path, lambda tmp: nib.save(img, str(tmp)), overwrite=overwrite)
     return path
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``; on any failure remove the temporary file.
-
-    The temporary name keeps the suffixes (``.nii.gz``) because writers pick the
-    format from them.
-    """
-    path = Path(path)
-    suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name[: len(path.name) - len(suffix)]}.tmp{os.getpid()}{suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except PermissionError:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"{path}: permission denied while writing") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_mask(mask: np.ndarray, like: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a 0/1 uint8 mask on ``like``'s grid, with its affine and header, atomically."""
-    path = check_output_path(path, overwrite=overwrite)
-    if not is_nifti_path(path):
-        raise InputError(f"{path}: output must end in .nii or .nii.gz")
     if mask.shape != like.data.shape:
         raise ValueError(f"mask shape {mask.shape} differs from the volume's {like.data.shape}")
     header = like.header.copy()
     header.set_data_dtype(np.uint8)
-    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    img = image_class(mask.astype(np.uint8), like.affine, header)
-    # A mask is labels, not intensities: never let a scl_slope/inter from the input rescale it.
-    img.header.set_slope_inter(1.0, 0.0)
-    img.header["cal_min"], img.header["cal_max"] = 0, 1
-    atomic_write(path, lambda tmp: nib.save(img, str(tmp)))
-    return path
+    header["cal_min"], header["cal_max"] = 0, 1
+    return save_volume(Volume(mask.astype(np.uint8), like.affine, header), path, overwrite=overwrite)

@@ -15,6 +15,7 @@ from (seed, step), so a resumed run continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,14 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from scipy import ndimage
 
 from .device import pick_device
 from .errors import InputError
+from .files import atomic_write
 from .geometry import plan
 from .model import METADATA_KEY, BaseModel, build_model
-from .nifti import atomic_write, load_mask, load_volume
+from .nifti import load_mask, load_volume
 
 
 @dataclass(frozen=True)
@@ -140,33 +143,57 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return F.binary_cross_entropy_with_logits(logits, target) + (1 - soft_dice).mean()
 
 
+def heads_sha256(heads: list[Head]) -> str:
+    """Fingerprint of the training data, so a checkpoint is never resumed on other heads."""
+    digest = hashlib.sha256()
+    for head in heads:
+        digest.update(np.ascontiguousarray(head.images).tobytes())
+        digest.update(np.ascontiguousarray(head.masks).tobytes())
+    return digest.hexdigest()
+
+
+def _resumable(config: TrainConfig, data_id: str) -> dict:
+    """What must match for a checkpoint to continue: everything but the device and checkpoint cadence."""
+    settings = {k: v for k, v in asdict(config).items() if k not in ("device", "checkpoint_every")}
+    return json.loads(json.dumps({**settings, "data_sha256": data_id}))
+
+
 def _save_checkpoint(
-    path: Path, model: BaseModel, optimizer: torch.optim.Optimizer, phase: str, step: int, config: TrainConfig
+    path: Path, model: BaseModel, optimizer: torch.optim.Optimizer, phase: str, step: int, settings: dict
 ) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for i, state in optimizer.state_dict()["state"].items():
         for key in ("exp_avg", "exp_avg_sq"):
             tensors[f"optimizer.{i}.{key}"] = state[key].detach().cpu().contiguous()
         tensors[f"optimizer.{i}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
-    meta = {"format": "convlora-checkpoint", "phase": phase, "step": step, "config": asdict(config)}
+    meta = {"format": "convlora-checkpoint", "phase": phase, "step": step, "settings": settings}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)}))
 
 
-def _load_checkpoint(path: Path, model: BaseModel, config: TrainConfig) -> tuple[str, int, dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        meta = json.loads(fh.metadata()[METADATA_KEY])
-    saved = {k: v for k, v in meta["config"].items() if k not in ("device", "checkpoint_every", "steps", "head_steps")}
-    wanted = {k: v for k, v in asdict(config).items() if k in saved}
-    saved["crop"] = tuple(saved["crop"])
-    if saved != wanted:
-        raise InputError(f"{path}: checkpoint was made with other settings {saved}; use another --checkpoint")
-    tensors = load_file(str(path))
-    model.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
-    model.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+def _load_checkpoint(path: Path, model: BaseModel, settings: dict) -> tuple[str, int, dict]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get(METADATA_KEY, "null"))
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable training checkpoint ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != "convlora-checkpoint":
+        raise InputError(f"{path}: not a training checkpoint; remove it or choose another --checkpoint")
+    if meta.get("settings") != settings:
+        raise InputError(
+            f"{path}: checkpoint was made with other settings or data; remove it or choose another --checkpoint"
+        )
+    try:
+        model.unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+        model.head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    except RuntimeError as exc:
+        raise InputError(f"{path}: checkpoint tensors do not fit the model ({_first_line(exc)})") from None
     moments = {k[len("optimizer.") :]: v for k, v in tensors.items() if k.startswith("optimizer.")}
-    return meta["phase"], int(meta["step"]), moments
+    return str(meta["phase"]), int(meta["step"]), moments
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, moments: dict) -> None:
@@ -193,9 +220,10 @@ def train_source(
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
     model = build_model(config.width)
+    settings = _resumable(config, heads_sha256(heads))
     phase, done_steps, moments = "unet", 0, {}
     if checkpoint is not None and checkpoint.exists():
-        phase, done_steps, moments = _load_checkpoint(checkpoint, model, config)
+        phase, done_steps, moments = _load_checkpoint(checkpoint, model, settings)
     unet, head = model.unet.to(device), model.head.to(device)
     total = config.steps + config.head_steps
     first_step = done_steps
@@ -232,7 +260,7 @@ def train_source(
             rate = elapsed / (step - first_step)
             yield TrainStep(current, step, total, loss.item(), elapsed, rate * (total - step))
             if checkpoint is not None and (step % config.checkpoint_every == 0 or step == offset + n_steps):
-                _save_checkpoint(checkpoint, model, optimizer, current, step, config)
+                _save_checkpoint(checkpoint, model, optimizer, current, step, settings)
         done_steps = offset + n_steps
         phase = "head"
         moments = {}

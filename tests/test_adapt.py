@@ -13,10 +13,11 @@ from napari_convlora.adapt import (
     EpochReport,
     StepReport,
     adapt,
+    reestimate_bn,
     run_adaptation,
     select_slices,
 )
-from napari_convlora.adapters import apply_adapter
+from napari_convlora.adapters import apply_adapter, encoder_batchnorms, inject_convlora
 from napari_convlora.errors import InputError
 
 QUICK = AdaptConfig(slices=4, epochs=2, batch_size=2, lr=1e-3, seed=0, device="cpu")
@@ -111,3 +112,17 @@ def test_given_slice_indices_are_used_and_checked(model, small_volume):
 def test_bad_settings_are_refused(model, small_volume, field, value):
     with pytest.raises(InputError):
         run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, field: value}))
+
+
+def test_adabn_statistics_are_exact_over_all_target_slices(model):
+    unet = model.copy().unet
+    inject_convlora(unet)
+    images = torch.rand(5, 1, 32, 32) * torch.linspace(0.5, 2.0, 5).view(5, 1, 1, 1)
+    reestimate_bn(unet, images)
+    name, first = encoder_batchnorms(unet)[0]
+    assert name == "init_path.2.conv_path.0.0"
+    with torch.no_grad():
+        x = unet.init_path[1](unet.init_path[0](images))  # what the first encoder BN sees
+    torch.testing.assert_close(first.running_mean, x.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(first.running_var, x.var(dim=(0, 2, 3), unbiased=True))
+    assert first.momentum == 0.1  # restored for training

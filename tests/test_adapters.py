@@ -139,3 +139,15 @@ def test_refuses_an_adapter_for_another_base_model():
     other = make_model(4, seed=5)
     with pytest.raises(InputError, match="adapter made for base model"):
         apply_adapter(other, adapter)
+
+
+def test_saving_never_replaces_an_existing_adapter_unless_asked(tmp_path):
+    adapter = _adapted(make_model(4))
+    target = tmp_path / "a.safetensors"
+    target.write_bytes(b"someone else's file")
+    with pytest.raises(InputError, match="already exists"):
+        save_adapter(adapter, target)
+    assert target.read_bytes() == b"someone else's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]  # no temporary left behind
+    save_adapter(adapter, target, overwrite=True)
+    assert load_adapter(target).tensors.keys() == adapter.tensors.keys()

@@ -145,11 +145,13 @@ def _bad_inputs(tmp: Path, small_path: Path) -> dict[str, tuple[Path, str]]:
     nan[1, 2, 3] = np.nan
     nib.save(nib.Nifti1Image(nan, np.eye(4)), str(tmp / "nan.nii"))
     files["nan"] = (tmp / "nan.nii", "NaN or Inf")
-    raw = bytearray((tmp / "nan.nii").read_bytes())
-    raw[80:84] = np.float32(0.0).tobytes()  # pixdim[1] = 0
     fixed = rng.random((12, 12, 12)).astype(np.float32).tobytes()
-    (tmp / "zero_voxel.nii").write_bytes(bytes(raw[: len(raw) - len(fixed)]) + fixed)
-    files["zero voxel"] = (tmp / "zero_voxel.nii", "voxel sizes must be positive")
+    for name, value in (("zero voxel", 0.0), ("negative voxel", -1.0)):
+        raw = bytearray((tmp / "nan.nii").read_bytes())
+        raw[80:84] = np.float32(value).tobytes()  # pixdim[1]
+        path = tmp / f"{name.replace(' ', '_')}.nii"
+        path.write_bytes(bytes(raw[: len(raw) - len(fixed)]) + fixed)
+        files[name] = (path, "voxel sizes must be positive")
     files["missing"] = (tmp / "absent.nii.gz", "no such file")
     return files
 
@@ -270,3 +272,27 @@ def test_console_script_runs_as_a_process(tmp_path, small_path, model_file):
         env=env,
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stdout == ""
+
+
+def test_more_usage_errors_stay_one_line(capsys, tmp_path, small_path, model_file, monkeypatch):
+    _expect_input_error(capsys, ["adapt", small_path, "--seed", "-1"], "2**32")
+    _expect_input_error(
+        capsys, ["segment", small_path, "-o", tmp_path / "m.png", "--model", model_file, "--adapter", "auto"], ".nii"
+    )
+    (tmp_path / "home_file").write_text("not a folder")
+    monkeypatch.setenv("CONVLORA_HOME", str(tmp_path / "home_file"))
+    _expect_input_error(capsys, ["adapt", small_path, "--model", model_file], "adapter library folder")
+
+
+def test_train_source_refuses_clobbering_its_inputs_or_itself(capsys, tmp_path, small_path, small_mask_path):
+    out = tmp_path / "m.safetensors"
+    head = ["--head", small_path, small_mask_path]
+    _expect_input_error(capsys, ["train-source", *head, "-o", out, "--checkpoint", out], "cannot be the output")
+    _expect_input_error(capsys, ["train-source", *head, "-o", tmp_path / "m.pt"], ".safetensors")
+    _expect_input_error(capsys, ["train-source", *head, "-o", out, "--checkpoint", small_mask_path], "--head inputs")
+    bogus = tmp_path / "bogus.checkpoint"
+    bogus.write_bytes(b"\x00" * 64)
+    _expect_input_error(
+        capsys, ["train-source", *head, "-o", out, "--checkpoint", bogus, "--steps", "1", "--width", "4"], "checkpoint"
+    )
+    assert not out.exists()

@@ -32,7 +32,9 @@ def test_progress_then_result_and_stop(model, small_volume):
 def test_segment_with_adapter_and_merged_equals_unmerged(model, small_volume):
     adapter = run_adaptation(model, small_volume, QUICK).adapter
     with_adapter = segment(model, small_volume, adapter, device="cpu", cleanup=False)
+    without = segment(model, small_volume, device="cpu", cleanup=False)
     assert with_adapter.adapter == adapter.name
+    assert not np.allclose(with_adapter.probability, without.probability, atol=1e-4)
     # Merged (what segment uses) and unmerged adapted networks give the same probabilities.
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():

@@ -50,6 +50,22 @@ def test_las_roundtrip_is_exact_and_slices_match_ras(tmp_path):
     np.testing.assert_array_equal(g_las.to_model(s_las), g_ras.to_model(s_ras))
 
 
+@pytest.mark.parametrize("axcodes", [("P", "S", "R"), ("A", "S", "L"), ("I", "R", "A")])
+def test_permuted_orientations_roundtrip_exactly(tmp_path, axcodes):
+    t1, m = nib.load(str(SAMPLE_T1)), nib.load(str(SAMPLE_MASK))
+    transform = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(t1.affine), nib.orientations.axcodes2ornt(axcodes)
+    )
+    for img, name in ((t1, "t1.nii.gz"), (m, "mask.nii.gz")):
+        nib.save(img.as_reoriented(transform), str(tmp_path / name))
+    volume, mask = load_volume(tmp_path / "t1.nii.gz"), load_mask(tmp_path / "mask.nii.gz")
+    assert nib.aff2axcodes(volume.affine) == axcodes
+    np.testing.assert_array_equal(_roundtrip(volume, mask.data), mask.data)
+    g_ras, s_ras = plan(load_volume(SAMPLE_T1))
+    g, s = plan(volume)
+    np.testing.assert_array_equal(g.to_model(s), g_ras.to_model(s_ras))
+
+
 def test_anisotropic_1p5mm_roundtrip(tmp_path):
     t1, m = nib.load(str(SAMPLE_T1)), nib.load(str(SAMPLE_MASK))
     target = (tuple(round(n / 1.5) for n in t1.shape), t1.affine @ np.diag([1.5, 1.5, 1.5, 1.0]))
@@ -159,6 +175,19 @@ def test_refuses_non_finite_or_constant_voxels(tmp_path, value):
         match = "NaN or Inf"
     with pytest.raises(InputError, match=match):
         load_volume(_write(tmp_path / "bad.nii", data))
+
+
+def test_refuses_broken_headers_and_odd_voxel_types(tmp_path):
+    good = _write(tmp_path / "good.nii", np.random.default_rng(0).random((10, 10, 10)).astype(np.float32))
+    raw = bytearray(good.read_bytes())
+    struct.pack_into("<f", raw, 108, 10.0)  # vox_offset inside the header
+    (tmp_path / "offset.nii").write_bytes(bytes(raw))
+    with pytest.raises(InputError, match="not a readable NIfTI"):
+        load_volume(tmp_path / "offset.nii")
+    rgb = np.zeros((5, 5, 5), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(tmp_path / "rgb.nii"))
+    with pytest.raises(InputError, match="unsupported voxel type"):
+        load_mask(tmp_path / "rgb.nii")
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0])

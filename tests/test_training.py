@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from napari_convlora.cli import main
+from napari_convlora.errors import InputError
 from napari_convlora.model import load_model
 from napari_convlora.training import TrainConfig, TrainDone, TrainStep, augment, load_heads, train_source
 
@@ -54,6 +55,30 @@ def test_resume_continues_exactly(tmp_path, heads):
     resumed = resumed_reports[-1].model
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_resume_refuses_other_settings_or_data(tmp_path, heads, small_path, small_mask_path):
+    checkpoint = tmp_path / "run.checkpoint"
+    stop = iter([False, False, False, True])
+    list(train_source(heads, TINY, checkpoint, should_stop=lambda: next(stop)))
+    assert checkpoint.exists()
+    with pytest.raises(InputError, match="other settings or data"):
+        list(train_source(heads, TrainConfig(**{**TINY.__dict__, "steps": 4}), checkpoint))
+    flipped = load_heads([(small_path, small_mask_path)])
+    flipped[0].masks[:] = 1 - flipped[0].masks
+    with pytest.raises(InputError, match="other settings or data"):
+        list(train_source(flipped, TINY, checkpoint))
+
+
+def test_resume_in_the_head_phase(tmp_path, heads):
+    straight = next(r for r in train_source(heads, TINY) if isinstance(r, TrainDone)).model
+    checkpoint = tmp_path / "run.checkpoint"
+    stop = iter([False] * 7 + [True])
+    list(train_source(heads, TINY, checkpoint, should_stop=lambda: next(stop)))  # stops at step 8 (head phase)
+    resumed = list(train_source(heads, TINY, checkpoint))
+    assert [r.step for r in resumed if isinstance(r, TrainStep)] == [7, 8]  # checkpoint after unet step 6
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed[-1].model.state_dict()[key]), key
 
 
 def test_train_source_cli_records_how_the_weights_were_made(capsys, tmp_path, small_path, small_mask_path):

@@ -1,0 +1,94 @@
+"""Simulated scanner profiles: deterministic, each one changes the image, masks only follow the geometry."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_convlora.cli import main
+from napari_convlora.errors import InputError
+from napari_convlora.nifti import load_mask, load_volume
+from napari_convlora.simulate import PROFILES, SOURCE_PROFILE, simulate
+
+
+@pytest.fixture(scope="module")
+def head(small_path, small_mask_path):
+    return load_volume(small_path), load_mask(small_mask_path)
+
+
+@pytest.fixture(scope="module")
+def simulated(head):
+    volume, mask = head
+    return {name: simulate(volume, mask, name, seed=0) for name in PROFILES}
+
+
+def test_six_documented_profiles_with_a_source():
+    assert len(PROFILES) >= 6 and SOURCE_PROFILE in PROFILES
+    assert all("simulated" in p.description for p in PROFILES.values())
+
+
+def test_deterministic_for_a_seed(head, simulated):
+    volume, mask = head
+    again, _ = simulate(volume, mask, "philips-3t", seed=0)
+    np.testing.assert_array_equal(again.data, simulated["philips-3t"][0].data)
+    other, _ = simulate(volume, mask, "philips-3t", seed=1)
+    assert not np.array_equal(other.data, again.data)
+
+
+def test_every_profile_gives_a_different_scan(simulated):
+    names = list(simulated)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            va, vb = simulated[a][0], simulated[b][0]
+            assert va.data.shape != vb.data.shape or not np.allclose(va.data, vb.data, atol=50), (a, b)
+    # Orientation and voxel size of the stored file differ between profiles, as between scanners.
+    assert len({nib.aff2axcodes(v.affine) for v, _ in simulated.values()}) >= 4
+    assert len({tuple(np.round(v.spacing, 2)) for v, _ in simulated.values()}) >= 3
+
+
+def test_masks_follow_the_geometry_only(head, simulated):
+    mask = head[1]
+    brain_ml = mask.data.sum() * np.prod(mask.spacing) / 1000
+    for name, (sim, sim_mask) in simulated.items():
+        assert sim_mask.data.shape == sim.data.shape and np.allclose(sim_mask.affine, sim.affine)
+        assert set(np.unique(sim_mask.data)) <= {0, 1}
+        ml = sim_mask.data.sum() * np.prod(sim_mask.spacing) / 1000
+        assert abs(ml - brain_ml) / brain_ml < 0.05, name  # same brain, resampled
+        # The brain is brighter than the background in every simulated scan.
+        assert sim.data[sim_mask.data > 0].mean() > 2 * sim.data[sim_mask.data == 0].mean(), name
+
+
+def test_unknown_profile_is_refused(head):
+    with pytest.raises(InputError, match="unknown profile"):
+        simulate(head[0], None, "toshiba-7t")
+
+
+def test_cli_simulate_and_profiles(capsys, tmp_path, small_path, small_mask_path):
+    code = main(["profiles", "--json"])
+    listed = json.loads(capsys.readouterr().out)
+    assert code == 0 and [p["name"] for p in listed["profiles"]] == list(PROFILES)
+    out, out_mask = tmp_path / "sim.nii.gz", tmp_path / "sim_mask.nii.gz"
+    code = main(
+        [
+            "simulate",
+            str(small_path),
+            "-o",
+            str(out),
+            "--profile",
+            "siemens-1.5t",
+            "--mask",
+            str(small_mask_path),
+            "--mask-output",
+            str(out_mask),
+            "--json",
+        ]
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["simulated"] is True
+    sim, sim_mask = load_volume(out), load_mask(out_mask)
+    assert sim.data.shape == sim_mask.data.shape and nib.aff2axcodes(sim.affine) == ("A", "S", "L")
+    code = main(["simulate", str(small_path), "-o", str(out), "--profile", "nope"])
+    assert code == 2 and "unknown profile" in capsys.readouterr().err
