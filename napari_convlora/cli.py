@@ -30,11 +30,27 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(f"{self.prog}: {message}")
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+def _number(text: str, kind: type, low: float, high: float = math.inf, what: str = "") -> int | float:
+    """Parse a number in [low, high) for argparse, with a message that names the rule."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not (low <= value < high) or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, 1, what="a whole number of at least 1")
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, float, math.ulp(0.0), what="a positive number")
+
+
+def _seed(text: str) -> int:
+    return _number(text, int, 0, 2**32, what="a whole number from 0 to 2**32 - 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,11 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path)
     p.add_argument("--name", help="adapter name (default: the input file's name)")
     p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
-    p.add_argument("--slices", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--slices", type=_positive_int, default=10)
+    p.add_argument("--epochs", type=_positive_int, default=5)
     p.add_argument("--lr", type=_positive_float, default=1e-4)
-    p.add_argument("--rank", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--rank", type=_positive_int, default=2)
+    p.add_argument("--batch-size", type=_positive_int, default=2)
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("-o", "--output", type=Path, help="adapter file to write (default: the library, under NAME)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
@@ -93,11 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a labelled head (repeat for several)",
     )
     p.add_argument("-o", "--output", type=Path, required=True, help="weights file to write (.safetensors)")
-    p.add_argument("--steps", type=int, default=1500, help="U-Net training steps")
-    p.add_argument("--head-steps", type=int, default=300, help="early-head training steps (U-Net frozen)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=_positive_int, default=1500, help="U-Net training steps")
+    p.add_argument("--head-steps", type=_positive_int, default=300, help="early-head training steps (U-Net frozen)")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--lr", type=_positive_float, default=1e-3)
-    p.add_argument("--width", type=int, default=16, help="base width of the U-Net (16 in the paper)")
+    p.add_argument("--width", type=_positive_int, default=16, help="base width of the U-Net (16 in the paper)")
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--checkpoint", type=Path, help="resumable checkpoint (default: OUTPUT.checkpoint)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
@@ -123,13 +139,6 @@ def _load_base(model: Path | None):
     from .model import load_model
 
     return load_model(model if model is not None else default_model_path())
-
-
-def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, got {text}")
-    return value
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -259,9 +268,6 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
             raise InputError(f"{path}: would overwrite one of the --head inputs")
     if _same_file(args.output, checkpoint):
         raise InputError(f"{checkpoint}: the checkpoint cannot be the output file")
-    for name in ("steps", "head_steps", "batch_size", "width"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     config = TrainConfig(
         steps=args.steps,
         head_steps=args.head_steps,

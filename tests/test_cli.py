@@ -239,7 +239,7 @@ def test_unknown_adapter_model_and_usage_errors(capsys, tmp_path, small_path, mo
         capsys, ["segment", small_path, "-o", out, "--model", tmp_path / "absent.safetensors"], "no such file"
     )
     _expect_input_error(capsys, ["segment", small_path], "required")
-    _expect_input_error(capsys, ["adapt", small_path, "--epochs", "many"], "invalid int value")
+    _expect_input_error(capsys, ["adapt", small_path, "--epochs", "many"], "whole number of at least 1, got 'many'")
     _expect_input_error(capsys, ["frobnicate"], "invalid choice")
     _expect_input_error(capsys, ["evaluate", SAMPLE_MASK, SAMPLE_MASK, "--tolerance", "-1"], "positive")
 
