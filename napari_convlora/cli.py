@@ -170,6 +170,8 @@ def cmd_segment(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     result = segment(base, volume, adapter, device=args.device, cleanup=not args.no_cleanup)
     save_mask(result.mask, volume, args.output, overwrite=args.overwrite)
+    if args.adapter == "auto":
+        print("note: automatic adapter choice is not available yet; the source model was used", file=sys.stderr)
     return {
         "input": str(args.input),
         "output": str(args.output),

@@ -46,6 +46,19 @@ def test_segment_json(capsys, tmp_path, small_path, model_file):
     written, source = nib.load(str(out_path)), nib.load(str(small_path))
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
     assert written.get_data_dtype() == np.uint8
+    code, out, err = run(
+        capsys,
+        "segment",
+        small_path,
+        "-o",
+        tmp_path / "auto.nii.gz",
+        "--model",
+        model_file,
+        "--adapter",
+        "auto",
+        "--json",
+    )
+    assert code == 0 and _one_json(out)["adapter"] == "none" and err.startswith("note: automatic adapter choice")
 
 
 def test_adapt_to_library_then_segment_by_name(capsys, tmp_path, small_path, model_file):
