@@ -1,0 +1,51 @@
+"""Draw one sagittal slice of the sample head under every simulated scanner profile: docs/profiles.png.
+
+Usage: python scripts/profiles_figure.py [--seed 0] [--out docs/profiles.png]
+Each panel is what the model sees (RAS, 1 mm in-plane, scaled, cropped), with the
+reference brain mask outline in red.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from skimage.io import imsave
+
+from napari_convlora.geometry import plan
+from napari_convlora.nifti import load_mask, load_volume
+from napari_convlora.simulate import PROFILES, simulate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def panel(volume, mask) -> np.ndarray:
+    geometry, scaled = plan(volume)
+    images = geometry.to_model(scaled)
+    masks = geometry.to_model(geometry.to_ras(mask.data).astype(np.float32)) > 0.5
+    index = int(np.argmax(masks.sum(axis=(1, 2)) > 0) + 0.4 * np.count_nonzero(masks.any(axis=(1, 2))))
+    rgb = np.repeat(images[index][..., None], 3, axis=2)
+    rgb[masks[index] ^ ndimage.binary_erosion(masks[index])] = (1.0, 0.0, 0.0)
+    return np.rot90(rgb)  # superior up, anterior right
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "profiles.png")
+    args = parser.parse_args()
+    volume = load_volume(ROOT / "resources" / "sample" / "colin27_t1.nii.gz")
+    mask = load_mask(ROOT / "resources" / "sample" / "colin27_mask_consensus.nii.gz")
+    panels = [panel(*simulate(volume, mask, name, seed=args.seed)) for name in PROFILES]
+    h, w = max(p.shape[0] for p in panels), max(p.shape[1] for p in panels)
+    panels = [np.pad(p, ((0, h - p.shape[0]), (0, w - p.shape[1]), (0, 0))) for p in panels]
+    columns = 3
+    rows = [np.concatenate(panels[i : i + columns], axis=1) for i in range(0, len(panels), columns)]
+    imsave(args.out, (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).astype(np.uint8), check_contrast=False)
+    print(f"{args.out}: panels in order {', '.join(PROFILES)} ({columns} per row)")
+
+
+if __name__ == "__main__":
+    main()
