@@ -166,7 +166,11 @@ def adapt(
     name: str = "adapter",
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[Report]:
-    """Self-train an adapter on ``volume``; yield reports, ending with AdaptDone or AdaptCancelled."""
+    """Self-train an adapter on ``volume``; yield reports, ending with AdaptDone or AdaptCancelled.
+
+    The adapter's metadata never names the input file: adapters are shared between
+    sites, and scan file names often carry patient identifiers.
+    """
     config.check()
     start = time.perf_counter()
     device = pick_device(config.device)
@@ -176,7 +180,7 @@ def adapt(
     images = torch.from_numpy(stack[indices][:, None].copy()).to(device)
 
     model = base.copy()  # never touch the caller's weights
-    unet, head = model.unet.to(device), model.head.to(device)
+    unet, head = model.unet, model.head.to(device)
     layers = inject_convlora(unet, config.rank, config.alpha, seed=config.seed)
     unet.to(device)
     trainable = set_trainable(unet)
@@ -242,7 +246,6 @@ def adapt(
         seed=config.seed,
         best_epoch=best_epoch,
         agreements=agreements,
-        source=str(volume.path) if volume.path else None,
         seconds=round(seconds, 3),
     )
     adapter = Adapter(best_state, metadata)

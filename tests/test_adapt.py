@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -38,6 +40,7 @@ def test_reports_in_order_and_a_usable_adapter(model, small_volume):
     assert done.best_epoch == int(np.argmax(done.agreements)) + 1
     assert done.adapter.base_model_id == before == model.model_id
     assert done.adapter.metadata["slices"] == done.slice_indices and len(done.slice_indices) == 4
+    assert small_volume.path.name not in json.dumps(done.adapter.metadata)  # shared files name no scan
     # The adapter changes the network (it learned something), the base stays as it was.
     x = torch.rand(1, 1, 32, 32)
     with torch.no_grad():
