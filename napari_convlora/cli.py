@@ -288,6 +288,16 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
         seed=args.seed,
         device=args.device,
     )
+    # The code that trains is the code checked out now, not whatever HEAD is when training ends.
+    try:
+        revision = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+            ).stdout.strip()
+            or None
+        )
+    except OSError:
+        revision = None
     heads = load_heads([(Path(t1), Path(mask)) for t1, mask in args.head])
     bar = _progress_bar("training")
     done = None
@@ -301,15 +311,6 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
     if bar is not None:
         bar.close()
     assert done is not None
-    try:
-        revision = (
-            subprocess.run(
-                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-            ).stdout.strip()
-            or None
-        )
-    except OSError:
-        revision = None
     training = {
         "command": "convlora " + shlex.join(args.argv),
         "config": {k: v for k, v in config.__dict__.items()},
