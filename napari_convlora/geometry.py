@@ -121,16 +121,21 @@ def scale_intensity(ras: np.ndarray) -> np.ndarray:
     return np.clip(scaled, 0.0, 1.0, out=scaled)
 
 
+def to_ras_order(per_file_axis, affine: np.ndarray) -> np.ndarray:
+    """Per-axis values (voxel sizes, lengths) of a file's axes, reordered to R, A, S."""
+    out = np.zeros(3)
+    for file_axis, (ras_axis, _) in enumerate(orientations.io_orientation(affine)):
+        out[int(ras_axis)] = per_file_axis[file_axis]
+    return out
+
+
 def plan(volume: Volume) -> tuple[SliceGeometry, np.ndarray]:
     """Plan the slicing of ``volume``; return the geometry and the scaled RAS volume."""
     ornt = orientations.io_orientation(volume.affine)
     ras = orientations.apply_orientation(
         volume.data, orientations.ornt_transform(ornt, orientations.axcodes2ornt("RAS"))
     )
-    spacing_file = volume.spacing
-    ras_spacing = [0.0, 0.0, 0.0]
-    for file_axis, (ras_axis, _) in enumerate(ornt):
-        ras_spacing[int(ras_axis)] = spacing_file[file_axis]
+    ras_spacing = to_ras_order(volume.spacing, volume.affine)
     scaled = scale_intensity(ras)
     plane_shape = tuple(
         n if abs(s - PLANE_SPACING_MM) <= _SPACING_TOLERANCE else max(round(n * s / PLANE_SPACING_MM), 1)

@@ -33,7 +33,7 @@ from nibabel import orientations
 from scipy import ndimage
 
 from .errors import InputError
-from .geometry import scale_intensity
+from .geometry import scale_intensity, to_ras_order
 from .nifti import Volume
 
 
@@ -141,11 +141,7 @@ def get_profile(name: str) -> Profile:
 
 def _target_grid(volume: Volume, profile: Profile, ras_spacing: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
     """Shape and affine of the stored simulated file (orientation, voxel size, field of view)."""
-    ornt = orientations.io_orientation(volume.affine)
-    ras_shape = np.zeros(3)
-    for file_axis, (ras_axis, _) in enumerate(ornt):
-        ras_shape[int(ras_axis)] = volume.data.shape[file_axis]
-    extent = ras_shape * ras_spacing + np.asarray(profile.fov_margin_mm)
+    extent = to_ras_order(volume.data.shape, volume.affine) * ras_spacing + np.asarray(profile.fov_margin_mm)
     voxel = np.asarray(profile.voxel_mm)
     n_ras = np.maximum(np.round(extent / voxel).astype(int), 8)
     # World coordinates of the source box centre, then a RAS-aligned target box around it, shifted.
@@ -187,10 +183,7 @@ def simulate(volume: Volume, mask: Volume | None, profile_name: str, seed: int =
         sigma_vox[file_axis] = profile.blur_mm[int(ras_axis)] / spacing[file_axis]
     if any(s > 0 for s in sigma_vox):
         image = ndimage.gaussian_filter(image, sigma_vox)
-    ras_spacing = np.zeros(3)
-    for file_axis, (ras_axis, _) in enumerate(ornt):
-        ras_spacing[int(ras_axis)] = spacing[file_axis]
-    shape, affine = _target_grid(volume, profile, ras_spacing)
+    shape, affine = _target_grid(volume, profile, to_ras_order(spacing, volume.affine))
     # target voxel -> source voxel: inv(A_src) @ A_tgt
     to_source = np.linalg.inv(volume.affine) @ affine
     resampled = ndimage.affine_transform(
