@@ -2,7 +2,7 @@
 
 Two real heads cannot teach a network much about other people and scanners,
 so every sample is augmented: a random 2D affine (rotation, scale, shear,
-translation), flips, a random crop (field of view), and intensity changes
+translation), a smooth elastic deformation, flips, a random crop (field of view), and intensity changes
 (gamma, a smooth multiplicative bias field, blur, noise, contrast). The early
 head is trained afterwards on the same labels with the U-Net frozen, as in the
 ConvLoRA paper.
@@ -93,6 +93,13 @@ def _bias_field(rng: np.random.Generator, shape: tuple[int, int], strength: floa
     return np.exp(field)
 
 
+def _displacement(rng: np.random.Generator, shape: tuple[int, int], pixels: float) -> np.ndarray:
+    """A smooth random (2, H, W) displacement field of about ``pixels`` amplitude (control points 24 px apart)."""
+    coarse = rng.normal(0.0, pixels, (2, max(shape[0] // 24, 2), max(shape[1] // 24, 2)))
+    zoom = (1, shape[0] / coarse.shape[1], shape[1] / coarse.shape[2])
+    return ndimage.zoom(coarse, zoom, order=3, mode="nearest")[:, : shape[0], : shape[1]]
+
+
 def augment(
     image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -106,9 +113,13 @@ def augment(
     # Output pixel o samples input at matrix @ (o - out_centre) + in_centre + shift.
     out_centre = (np.array(crop) - 1) / 2
     in_centre = (np.array([h, w]) - 1) / 2 + rng.uniform(-0.15, 0.15, 2) * np.array([h, w])
-    offset = in_centre - matrix @ out_centre
-    img = ndimage.affine_transform(image, matrix, offset, output_shape=crop, order=1, mode="constant", cval=0.0)
-    msk = ndimage.affine_transform(mask, matrix, offset, output_shape=crop, order=1, mode="constant", cval=0.0)
+    grid = np.indices(crop, dtype=np.float64).reshape(2, -1)
+    coords = matrix @ (grid - out_centre[:, None]) + in_centre[:, None]
+    if rng.random() < 0.5:  # elastic: anatomy of other people is not an affine copy of two heads
+        coords = coords + _displacement(rng, crop, rng.uniform(2.0, 8.0)).reshape(2, -1)
+    coords = coords.reshape(2, *crop)
+    img = ndimage.map_coordinates(image, coords, order=1, mode="constant", cval=0.0)
+    msk = ndimage.map_coordinates(mask, coords, order=1, mode="constant", cval=0.0)
     if rng.random() < 0.5:
         img, msk = img[::-1], msk[::-1]
     if rng.random() < 0.5:
