@@ -43,6 +43,7 @@ class AdaptConfig:
     seed: int = 0
     slice_indices: Sequence[int] | None = None  # sagittal slices in the model's stack; None: spread automatically
     device: str = "auto"
+    adabn: bool = True  # re-estimate encoder BN statistics on the target (False: ConvLoRA alone, the ablation)
 
     def check(self) -> None:
         for name in ("slices", "epochs", "rank", "batch_size"):
@@ -151,12 +152,13 @@ def agreement(
     return float(np.mean(scores))
 
 
-def _train_mode(unet: UNet2D, head: torch.nn.Module) -> None:
-    """Encoder BNs use batch statistics (AdaBN); decoder and head stay in eval mode."""
+def _train_mode(unet: UNet2D, head: torch.nn.Module, adabn: bool) -> None:
+    """Encoder BNs use batch statistics with AdaBN (source statistics without); decoder and head stay in eval mode."""
     unet.eval()
     head.eval()
-    for _, bn in encoder_batchnorms(unet):
-        bn.train()
+    if adabn:
+        for _, bn in encoder_batchnorms(unet):
+            bn.train()
 
 
 def adapt(
@@ -189,7 +191,8 @@ def adapt(
     optimizer = torch.optim.Adam(trainable, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
 
-    reestimate_bn(unet, images)
+    if config.adabn:
+        reestimate_bn(unet, images)
     steps_per_epoch = -(-len(indices) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     agreements: list[float] = []
@@ -203,7 +206,7 @@ def adapt(
                 yield AdaptCancelled(step, time.perf_counter() - start)
                 return
             x = images[order[first : first + config.batch_size].to(device)]
-            _train_mode(unet, head)
+            _train_mode(unet, head, config.adabn)
             features = unet.encode(x)
             with torch.no_grad():
                 target = torch.sigmoid(unet.decode(tuple(f.detach() for f in features)))
@@ -217,7 +220,8 @@ def adapt(
             yield StepReport(
                 step, total_steps, epoch, config.epochs, losses[-1], elapsed, elapsed / step * (total_steps - step)
             )
-        reestimate_bn(unet, images)
+        if config.adabn:
+            reestimate_bn(unet, images)
         agreements.append(agreement(unet, head, images, geometry, config.batch_size))
         if best_state is None or agreements[-1] > agreements[best_epoch - 1]:
             best_epoch = epoch
@@ -243,6 +247,7 @@ def adapt(
         epochs=config.epochs,
         lr=config.lr,
         batch_size=config.batch_size,
+        adabn=config.adabn,
         seed=config.seed,
         best_epoch=best_epoch,
         agreements=agreements,

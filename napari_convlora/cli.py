@@ -129,6 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
+    p = sub.add_parser("benchmark", help="every adaptation method on every simulated scanner, against the mask")
+    p.add_argument("-o", "--output", type=Path, required=True, help="results to write (.json); resumes from it")
+    p.add_argument("--markdown", type=Path, help="also write the summary table here (.md)")
+    p.add_argument("--t1", type=Path, help="head to simulate (default: the bundled sample)")
+    p.add_argument("--mask", type=Path, help="its brain mask (default: the bundled consensus mask)")
+    p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
+    p.add_argument("--profiles", nargs="+", help="profiles (default: all; the source profile is always added)")
+    p.add_argument("--methods", nargs="+", help="methods (default: all; 'source' is always added)")
+    p.add_argument("--seeds", nargs="+", type=_seed, default=[0, 1, 2])
+    p.add_argument("--slices", type=_positive_int, default=10)
+    p.add_argument("--epochs", type=_positive_int, default=5)
+    p.add_argument("--lr", type=_positive_float, default=1e-4)
+    p.add_argument("--tolerance", type=_positive_float, default=1.0, help="surface Dice tolerance in mm")
+    p.add_argument(
+        "--quick", action="store_true", help="smoke run: seed 0, 2 profiles, 4 slices, 1 epoch, a 24 mm central slab"
+    )
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     p = sub.add_parser("evaluate", help="Dice, surface Dice and HD95 of a mask against a ground truth")
     p.add_argument("prediction", type=Path)
     p.add_argument("ground_truth", type=Path)
@@ -411,6 +430,100 @@ def cmd_profiles(args: argparse.Namespace) -> dict:
     }
 
 
+def cmd_benchmark(args: argparse.Namespace) -> dict:
+    import platform
+    from datetime import datetime, timezone
+
+    from . import benchmark as bench
+    from .adapt import AdaptConfig
+    from .demo import SAMPLE_MASK, SAMPLE_T1
+    from .files import atomic_write, check_output_path
+    from .nifti import load_mask, load_volume
+    from .simulate import SOURCE_PROFILE, get_profile
+
+    if (args.t1 is None) != (args.mask is None):
+        raise InputError("--t1 and --mask go together")
+    check_output_path(args.output, overwrite=True, suffixes=(".json",))
+    if args.markdown is not None:
+        check_output_path(args.markdown, overwrite=True, suffixes=(".md",))
+    profiles = args.profiles or bench.default_profiles()
+    for name in profiles:
+        get_profile(name)
+    methods = bench.check_methods(args.methods or list(bench.METHODS))
+    seeds, slices, epochs = args.seeds, args.slices, args.epochs
+    if args.quick:
+        profiles = profiles if args.profiles else [SOURCE_PROFILE, "philips-3t"]
+        seeds, slices, epochs = [seeds[0]], 4, 1
+    profiles = list(dict.fromkeys([SOURCE_PROFILE, *profiles]))  # the in-domain reference is always measured
+    methods = list(dict.fromkeys(["source", *methods]))
+    settings = {
+        "t1": str(args.t1 or "bundled sample"),
+        "model": str(args.model or "shipped source model"),
+        "slices": slices,
+        "epochs": epochs,
+        "lr": args.lr,
+        "tolerance_mm": args.tolerance,
+        "quick": args.quick,
+    }
+    done: list[bench.Cell] = []
+    if args.output.exists():
+        try:
+            previous = json.loads(args.output.read_text())
+            same = previous.get("settings") == settings
+            done = bench.cells_from_json(previous["cells"]) if same else []
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            same = False
+        if not same:
+            raise InputError(
+                f"{args.output}: exists and is not a benchmark run with these settings to resume; "
+                "choose another --output or remove it"
+            )
+    volume = load_volume(args.t1 or SAMPLE_T1)
+    mask = load_mask(args.mask or SAMPLE_MASK)
+    if args.quick:
+        volume, mask = bench.central_slab(volume, mask, 24.0)
+    base = _load_base(args.model)
+    config = AdaptConfig(slices=slices, epochs=epochs, lr=args.lr, device=args.device)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch device {args.device}"
+
+    def write(cells: list) -> dict:
+        result = {
+            "command": "convlora " + " ".join(args.argv),
+            "date": started,
+            "machine": machine,
+            "software_version": _version(),
+            "base_model_id": base.model_id,
+            "settings": settings,
+            "profiles": profiles,
+            "methods": {m: bench.METHODS[m] for m in methods},
+            "seeds": seeds,
+            "simulated": True,
+            "cells": bench.cells_to_json(cells),
+            "summary": bench.summarise(cells) if cells else None,
+        }
+        text = json.dumps(_json_safe(result), indent=1)
+        atomic_write(args.output, lambda tmp: tmp.write_text(text), overwrite=True)
+        return result
+
+    cells = list(done)
+    total = len(profiles) * len(seeds) * len(methods)
+    for cell in bench.run_benchmark(base, volume, mask, profiles, seeds, methods, config, args.tolerance, done):
+        cells.append(cell)
+        write(cells)
+        print(
+            f"[{len(cells)}/{total}] {cell.profile} seed {cell.seed} {cell.method}: "
+            f"surface Dice {cell.surface_dice:.4f} ({cell.adapt_seconds:.1f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    result = write(cells)
+    table = bench.markdown(result["summary"])
+    if args.markdown is not None:
+        atomic_write(args.markdown, lambda tmp: tmp.write_text(table), overwrite=True)
+    return {"output": str(args.output), "summary": result["summary"], "markdown": table}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     import numpy as np
 
@@ -434,6 +547,7 @@ COMMANDS = {
     "simulate": cmd_simulate,
     "profiles": cmd_profiles,
     "train-source": cmd_train_source,
+    "benchmark": cmd_benchmark,
 }
 
 
@@ -471,6 +585,9 @@ def _print_human(command: str, result: dict) -> None:
             print(f"{profile['name']:13s} {profile['description']}")
     elif command == "simulate":
         print(f"{result['output']}: {result['profile']} (simulated), seed {result['seed']}")
+    elif command == "benchmark":
+        print(result["markdown"], end="")
+        print(f"(surface Dice, mean ± sd over seeds, simulated scanners; all figures in {result['output']})")
     elif command == "train-source":
         print(f"{result['model']}: model {result['model_id'][:12]}, {result['seconds']:.0f} s")
     elif command == "segment":

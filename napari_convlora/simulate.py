@@ -5,8 +5,8 @@ profile below imitates one of its six domains (GE, Philips, Siemens at 1.5 T and
 3 T) by a physics-inspired chain applied to a real head:
 
 1. tissue contrast: a piecewise-linear map of normalised intensity (anchored
-   near CSF ~0.25, grey matter ~0.55, white matter ~0.75 and fat/marrow ~1 of
-   a T1 head), monotone for some profiles and non-monotone for others, so the
+   at the tissue peaks of a real T1 head: CSF ~0.2, grey matter ~0.42, white
+   matter ~0.55, fat/marrow 0.7 to 1), monotone for some profiles and non-monotone for others, so the
    grey/white/CSF/fat/skull contrast really changes;
 2. resolution: Gaussian blur with a different width per axis (thicker slices),
    then resampling to the profile's stored voxel size;
@@ -53,6 +53,9 @@ class Profile:
 
 _IDENTITY = ((0.0, 0.0), (1.0, 1.0))
 
+# Control points are placed at the tissue peaks of a real T1 head after `scale_intensity`
+# (measured on the shared Colin27 head): CSF ~0.2, grey matter ~0.42, white matter ~0.55,
+# scalp fat and marrow 0.7 to 1.0.
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
@@ -70,56 +73,56 @@ PROFILES: dict[str, Profile] = {
         ),
         Profile(
             "ge-1.5t",
-            "simulated GE 1.5 T: flatter grey/white contrast, brighter CSF, noisier, 1.2 mm slices",
-            ((0.0, 0.0), (0.25, 0.38), (0.55, 0.52), (0.75, 0.66), (1.0, 0.9)),
+            "simulated GE 1.5 T: flat grey/white contrast, bright CSF, dull fat, noisy, 1.2 mm slices",
+            ((0.0, 0.0), (0.2, 0.38), (0.42, 0.46), (0.55, 0.54), (0.75, 0.58), (1.0, 0.66)),
             (0.6, 0.3, 0.3),
             (1.2, 1.0, 1.0),
             "LAS",
-            0.05,
-            14.0,
+            0.08,
+            12.0,
             (0, -6, 4),
             (10, 10, 20),
         ),
         Profile(
             "philips-1.5t",
-            "simulated Philips 1.5 T: darker fat and skull (non-monotone map), low SNR, 1.2 mm coronal-style storage",
-            ((0.0, 0.0), (0.25, 0.2), (0.55, 0.5), (0.75, 0.8), (0.9, 0.62), (1.0, 0.5)),
+            "simulated Philips 1.5 T: fat-suppressed look (scalp and marrow darker than grey matter), low SNR",
+            ((0.0, 0.0), (0.2, 0.18), (0.42, 0.45), (0.55, 0.62), (0.68, 0.38), (1.0, 0.22)),
             (0.3, 0.6, 0.3),
             (1.0, 1.2, 1.0),
             "LPS",
-            0.06,
+            0.10,
             12.0,
             (3, 8, -6),
             (0, 20, 30),
         ),
         Profile(
             "philips-3t",
-            "simulated Philips 3 T: strong bias field, very bright fat, inverted-looking scalp contrast, 0.9 mm",
-            ((0.0, 0.0), (0.25, 0.12), (0.55, 0.42), (0.75, 0.62), (0.85, 0.95), (1.0, 1.0)),
+            "simulated Philips 3 T: strong bias field, CSF brighter than grey matter (non-monotone), 0.9 mm",
+            ((0.0, 0.0), (0.2, 0.52), (0.42, 0.4), (0.55, 0.6), (0.8, 1.0), (1.0, 1.0)),
             (0.3, 0.3, 0.3),
             (0.9, 0.9, 0.9),
             "PIL",
-            0.32,
+            0.35,
             30.0,
             (-4, 10, -10),
             (20, 20, 40),
         ),
         Profile(
             "siemens-1.5t",
-            "simulated Siemens 1.5 T: low contrast, thick 1.5 mm sagittal slices, noisy",
-            ((0.0, 0.0), (0.25, 0.3), (0.55, 0.55), (0.75, 0.68), (1.0, 0.78)),
-            (1.0, 0.2, 0.2),
-            (1.5, 1.0, 1.0),
+            "simulated Siemens 1.5 T: thick 3 mm sagittal slices, low contrast, noisy",
+            ((0.0, 0.0), (0.2, 0.3), (0.42, 0.5), (0.55, 0.6), (1.0, 0.8)),
+            (1.8, 0.3, 0.3),
+            (3.0, 1.0, 1.0),
             "ASL",
-            0.08,
-            11.0,
+            0.12,
+            10.0,
             (0, -10, 8),
             (-10, 0, 10),
         ),
         Profile(
             "siemens-3t",
-            "simulated Siemens 3 T: crisp contrast, gamma-like brightening, moderate bias field",
-            ((0.0, 0.0), (0.25, 0.3), (0.55, 0.66), (0.75, 0.88), (1.0, 1.0)),
+            "simulated Siemens 3 T: crisp contrast, grey matter darker than CSF-filled sulci edges, moderate bias",
+            ((0.0, 0.0), (0.2, 0.35), (0.42, 0.3), (0.55, 0.75), (0.8, 0.85), (1.0, 1.0)),
             (0.2, 0.2, 0.2),
             (1.0, 1.0, 1.0),
             "RPI",

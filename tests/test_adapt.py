@@ -129,3 +129,15 @@ def test_adabn_statistics_are_exact_over_all_target_slices(model):
     torch.testing.assert_close(first.running_mean, x.mean(dim=(0, 2, 3)))
     torch.testing.assert_close(first.running_var, x.var(dim=(0, 2, 3), unbiased=True))
     assert first.momentum == 0.1  # restored for training
+
+
+def test_without_adabn_the_source_statistics_are_kept(model, small_volume):
+    done = run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "adabn": False}))
+    assert done.adapter.metadata["adabn"] is False
+    source = dict(encoder_batchnorms(model.unet))
+    for name, bn in encoder_batchnorms(model.copy().unet):
+        torch.testing.assert_close(done.adapter.tensors[f"{name}.running_mean"], bn.running_mean)
+        torch.testing.assert_close(done.adapter.tensors[f"{name}.running_var"], source[name].running_var)
+    with_adabn = run_adaptation(model, small_volume, QUICK).adapter.tensors
+    name = encoder_batchnorms(model.unet)[0][0]
+    assert not torch.allclose(with_adabn[f"{name}.running_mean"], done.adapter.tensors[f"{name}.running_mean"])

@@ -1,0 +1,82 @@
+"""`convlora benchmark --quick`: every method runs, the table adds up, a stopped run resumes, nothing is clobbered."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from napari_convlora import benchmark as bench
+from napari_convlora.cli import main
+from napari_convlora.nifti import load_mask, load_volume
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, small_path, small_mask_path, model_file):
+    out = tmp_path_factory.mktemp("bench")
+    args = ["benchmark", "--quick", "--t1", str(small_path), "--mask", str(small_mask_path)]
+    args += ["--model", str(model_file), "-o", str(out / "results.json"), "--markdown", str(out / "table.md")]
+    assert main([*args, "--json"]) == 0
+    return out, args
+
+
+def test_quick_benchmark_runs_every_method_on_source_and_one_target(quick_run, capsys):
+    out, _ = quick_run
+    result = json.loads((out / "results.json").read_text())
+    assert result["simulated"] is True
+    assert result["profiles"] == ["ge-3t", "philips-3t"]
+    cells = result["cells"]
+    assert {(c["profile"], c["method"]) for c in cells} == {
+        (p, m) for p in ("ge-3t", "philips-3t") for m in bench.METHODS
+    }
+    by = {(c["profile"], c["method"]): c for c in cells}
+    # Untrained tiny model: what labels buy must show (the oracle trains on the true mask).
+    assert by["philips-3t", "oracle"]["dice"] > by["philips-3t", "source"]["dice"]
+    assert by["ge-3t", "source"]["trainable_parameters"] == 0
+    assert by["ge-3t", "adabn"]["trainable_parameters"] == 0
+    assert 0 < by["ge-3t", "udas"]["trainable_parameters"] < by["ge-3t", "convlora"]["trainable_parameters"]
+    assert by["ge-3t", "convlora"]["trainable_parameters"] < by["ge-3t", "full-ft"]["trainable_parameters"]
+    table = (out / "table.md").read_text()
+    assert table.splitlines()[0].startswith("| profile | gap | source | adabn |")
+    assert "| philips-3t |" in table and "trainable parameters" in table
+    summary = result["summary"]
+    expected_gap = by["ge-3t", "source"]["surface_dice"] - by["philips-3t", "source"]["surface_dice"]
+    assert summary["gap"]["philips-3t"] == pytest.approx(expected_gap)
+
+
+def test_rerun_resumes_without_recomputing(quick_run, capsys):
+    out, args = quick_run
+    before = json.loads((out / "results.json").read_text())["cells"]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "[" not in capsys.readouterr().err  # no cell was run again
+    assert json.loads((out / "results.json").read_text())["cells"] == before
+
+
+def test_other_settings_refuse_to_replace_results(quick_run, capsys):
+    out, args = quick_run
+    text = (out / "results.json").read_text()
+    assert main([*args, "--lr", "0.001"]) == 2
+    assert "not a benchmark run with these settings" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == text
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--methods", "magic"], "unknown method"), (["--profiles", "nope"], "unknown profile")],
+)
+def test_bad_arguments_exit_2(tmp_path, extra, message, capsys):
+    assert main(["benchmark", "-o", str(tmp_path / "r.json"), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_central_slab_keeps_world_coordinates(small_path, small_mask_path):
+    volume, mask = load_volume(small_path), load_mask(small_mask_path)
+    slab, slab_mask = bench.central_slab(volume, mask, 24.0)
+    assert slab.data.shape[0] == 6 and slab.data.shape[1:] == volume.data.shape[1:]
+    first = (volume.data.shape[0] - 6) // 2
+    assert (slab.data == volume.data[first : first + 6]).all()
+    # voxel (0, 0, 0) of the slab is voxel (first, 0, 0) of the head, in the same world place
+    assert slab.affine[:3, 3] == pytest.approx(volume.affine[:3, :3] @ [first, 0, 0] + volume.affine[:3, 3])
+    assert (slab_mask.affine == slab.affine).all()
