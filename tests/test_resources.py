@@ -1,0 +1,34 @@
+"""What the package ships: the source model, one adapter per simulated target profile, the sample."""
+
+from __future__ import annotations
+
+import pytest
+
+from napari_convlora.adapters import apply_adapter, load_adapter
+from napari_convlora.library import BUILTIN_ADAPTERS, SOURCE_MODEL
+from napari_convlora.model import load_model
+from napari_convlora.simulate import PROFILES, SOURCE_PROFILE
+
+TARGETS = [p for p in PROFILES if p != SOURCE_PROFILE]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_model(SOURCE_MODEL)
+
+
+@pytest.mark.parametrize("profile", TARGETS)
+def test_one_small_adapter_per_target_profile_fits_the_shipped_model(shipped, profile):
+    path = BUILTIN_ADAPTERS / f"{profile}.safetensors"
+    assert path.stat().st_size < 1_000_000
+    adapter = load_adapter(path)
+    assert adapter.name == profile
+    assert adapter.base_model_id == shipped.model_id
+    assert "input" not in adapter.metadata  # never names the scan it was made from
+    apply_adapter(shipped, adapter)  # tensors fit, or this raises
+
+
+def test_shipped_model_metadata_records_how_it_was_made(shipped):
+    training = shipped.metadata["training"]
+    assert training["command"].startswith("convlora train-source")
+    assert training["config"]["seed"] == 0 and training["git_revision"] and training["data"]
