@@ -30,6 +30,14 @@ def test_six_documented_profiles_with_a_source():
     assert all("simulated" in p.description for p in PROFILES.values())
 
 
+def test_tissue_contrast_really_changes():
+    """Monotone maps are undone by intensity scaling; at least two profiles must reorder tissues."""
+    source = PROFILES[SOURCE_PROFILE].contrast
+    assert source == ((0.0, 0.0), (1.0, 1.0))
+    reordering = [p.name for p in PROFILES.values() if np.any(np.diff([y for _, y in p.contrast]) < 0)]
+    assert len(reordering) >= 2, reordering
+
+
 def test_deterministic_for_a_seed(head, simulated):
     volume, mask = head
     again, _ = simulate(volume, mask, "philips-3t", seed=0)
