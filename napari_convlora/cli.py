@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("adapt", help="train an adapter on unlabeled slices of a volume")
     p.add_argument("input", type=Path)
     p.add_argument("--name", help="adapter name (default: the input file's name)")
+    p.add_argument("--description", default="", help="free text stored in the adapter, e.g. scanner and protocol")
     p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
     p.add_argument("--slices", type=_positive_int, default=10)
     p.add_argument("--epochs", type=_positive_int, default=5)
@@ -259,6 +260,7 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
         if bar is not None:
             bar.close()
     assert isinstance(done, AdaptDone)
+    done.adapter.metadata["description"] = args.description
     save_adapter(done.adapter, output, overwrite=args.overwrite)
     return {
         "adapter": str(output),
@@ -586,11 +588,10 @@ def _print_adapters(result: dict) -> None:
             )
         print(f"({len(result['adapters'])} adapters; user library {result['user_library']})")
     elif action == "show":
-        for key, value in result.items():
-            if key not in ("action", "metadata", "error"):
-                print(f"{key:21s} {value}")
-        for key, value in result["metadata"].items():
-            print(f"metadata.{key:12s} {value}")
+        rows = [(k, v) for k, v in result.items() if k not in ("action", "metadata", "error")]
+        rows += [(f"metadata.{k}", v) for k, v in result["metadata"].items()]
+        for key, value in rows:
+            print(f"{key:25s} {value}")
     elif action == "import":
         print(f"{result['file']}: imported as {result['name']!r} ({result['path']})")
     elif action == "remove":
