@@ -266,3 +266,14 @@ def test_adapt_records_a_description_that_the_library_shows(capsys, small_path, 
     assert shown["description"] == "Siemens 3T, MPRAGE" and shown["fits"] is True
     assert shown["metadata"]["epochs"] == 1 and len(shown["metadata"]["slices"]) == 2
     assert {"seed", "lr", "agreements", "best_epoch", "layers", "created", "software_version"} <= set(shown["metadata"])
+
+
+def test_names_and_files_that_are_not_adapters_are_refused(capsys, tmp_path):
+    assert "no such file" in refused(capsys, "adapters", "import", tmp_path / "absent.safetensors")
+    (tmp_path / "folder.safetensors").mkdir()
+    assert "not a safetensors file" in refused(capsys, "adapters", "import", tmp_path / "folder.safetensors")
+    for action in ("show", "remove"):
+        assert "invalid adapter name '../home'" in refused(capsys, "adapters", action, "../home")
+    assert "invalid adapter name" in refused(capsys, "adapters", "export", "../home", tmp_path / "x.safetensors")
+    assert "required: action" in refused(capsys, "adapters")
+    assert user_files(tmp_path) == []
