@@ -28,6 +28,7 @@ RESOURCES = Path(str(files("napari_convlora.resources")))
 SOURCE_MODEL = RESOURCES / "source_model.safetensors"
 BUILTIN_ADAPTERS = RESOURCES / "adapters"
 ADAPTER_SUFFIX = ".safetensors"
+BUILTIN, USER = "builtin", "user"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -46,10 +47,15 @@ def check_name(name: str) -> str:
 
 def named_adapter_path(name: str) -> Path | None:
     """The file of the adapter called ``name``: a built-in first (user files may not shadow one), then the user's."""
-    for folder in (BUILTIN_ADAPTERS, user_adapter_dir()):
+    found = _locate(name)
+    return found[1] if found else None
+
+
+def _locate(name: str) -> tuple[str, Path] | None:
+    for source, folder in ((BUILTIN, BUILTIN_ADAPTERS), (USER, user_adapter_dir())):
         candidate = folder / f"{name}{ADAPTER_SUFFIX}"
         if candidate.is_file():
-            return candidate
+            return source, candidate
     return None
 
 
@@ -74,9 +80,6 @@ def default_model_path() -> Path:
     return SOURCE_MODEL
 
 
-BUILTIN, USER = "builtin", "user"
-
-
 @dataclass
 class AdapterInfo:
     """One named adapter as the library shows it; ``error`` says why a file found in the library cannot be used."""
@@ -85,7 +88,7 @@ class AdapterInfo:
     source: str
     path: Path
     size_bytes: int
-    sha256: str
+    sha256: str | None
     metadata: dict = field(default_factory=dict)
     trainable_parameters: int | None = None
     fits: bool | None = None
@@ -143,7 +146,7 @@ def list_adapters(model_id: str | None = None) -> list[AdapterInfo]:
         try:
             entry = _info(name, source, path, model_id)
         except (InputError, OSError) as exc:
-            entry = AdapterInfo(name, source, path, path.stat().st_size, "", error=str(exc))
+            entry = AdapterInfo(name, source, path, path.stat().st_size, None, error=str(exc))
         if source == BUILTIN:
             builtins.add(name)
         elif name in builtins:
@@ -153,12 +156,11 @@ def list_adapters(model_id: str | None = None) -> list[AdapterInfo]:
 
 
 def _find(name: str) -> tuple[str, Path]:
-    check_name(name)
-    for source, folder in ((BUILTIN, BUILTIN_ADAPTERS), (USER, user_adapter_dir())):
-        path = folder / f"{name}{ADAPTER_SUFFIX}"
-        if path.is_file():
-            return source, path
-    raise InputError(f"no adapter named {name!r} in {user_adapter_dir()} or the built-ins")
+    """(source, path) of a named adapter, or InputError; names are checked so they cannot point elsewhere."""
+    found = _locate(check_name(name))
+    if found is None:
+        raise InputError(f"no adapter named {name!r} in {user_adapter_dir()} or the built-ins")
+    return found
 
 
 def adapter_info(name: str, model_id: str | None = None) -> AdapterInfo:
@@ -214,7 +216,7 @@ def import_adapter(file: str | os.PathLike, name: str | None = None) -> AdapterI
         if not _NAME.match(name) or name.endswith(ADAPTER_SUFFIX):
             raise InputError(f"{file}: its name {name!r} cannot be a library name; pass --name NAME")
     path = user_adapter_path(name, hint=f"pass --name NEW_NAME to import {file} under another name")
-    save_adapter(Adapter(adapter.tensors, adapter.metadata), path)
+    save_adapter(adapter, path)
     return _info(name, USER, path, None)
 
 
@@ -225,4 +227,4 @@ def export_adapter(name: str, file: str | os.PathLike, overwrite: bool = False) 
     if file.exists() and file.resolve() == source_path.resolve():
         raise InputError(f"{file}: is the library's own file of {name!r}")
     adapter = load_adapter(source_path)
-    return save_adapter(Adapter(adapter.tensors, adapter.metadata), file, overwrite=overwrite)
+    return save_adapter(adapter, file, overwrite=overwrite)
