@@ -34,6 +34,7 @@ from .model import METADATA_KEY, BaseModel, UNet2D, check_tensors, read_metadata
 
 ADAPTER_FORMAT = "convlora-adapter"
 ADAPTER_FORMAT_VERSION = 1
+ADAPTER_KINDS = ("convlora",)
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
@@ -150,15 +151,21 @@ class Adapter:
         )
 
 
-def extract_adapter(unet: UNet2D, metadata: dict) -> Adapter:
-    """Copy the adapter part of an adapted U-Net out of it."""
+def adapter_tensors(unet: UNet2D) -> dict[str, torch.Tensor]:
+    """The adapter part of an injected U-Net, by file key (the tensors themselves, not copies)."""
     tensors = {}
     for name, layer in lora_layers(unet):
-        tensors[f"{name}.lora_A"] = layer.lora_A.detach().cpu().clone()
-        tensors[f"{name}.lora_B"] = layer.lora_B.detach().cpu().clone()
+        tensors[f"{name}.lora_A"] = layer.lora_A
+        tensors[f"{name}.lora_B"] = layer.lora_B
     for name, bn in encoder_batchnorms(unet):
         for t in BN_TENSORS:
-            tensors[f"{name}.{t}"] = getattr(bn, t).detach().cpu().clone()
+            tensors[f"{name}.{t}"] = getattr(bn, t)
+    return tensors
+
+
+def extract_adapter(unet: UNet2D, metadata: dict) -> Adapter:
+    """Copy the adapter part of an adapted U-Net out of it."""
+    tensors = {k: v.detach().cpu().clone() for k, v in adapter_tensors(unet).items()}
     meta = dict(metadata)
     meta.setdefault("layers", [n for n, _ in lora_layers(unet)])
     return Adapter(tensors, meta)
@@ -185,7 +192,7 @@ def apply_adapter(base: BaseModel, adapter: Adapter | None, merge: bool = True) 
 
 def load_adapter_state(unet: UNet2D, adapter: Adapter) -> None:
     """Copy adapter tensors into an injected U-Net, checking names and shapes first."""
-    expected = extract_adapter(unet, {}).tensors
+    expected = adapter_tensors(unet)
     where = adapter.path or adapter.name or "adapter"
     check_tensors(where, adapter.tensors, expected, "adapter tensors do not fit the model")
     modules = dict(unet.named_modules())
@@ -195,12 +202,14 @@ def load_adapter_state(unet: UNet2D, adapter: Adapter) -> None:
             getattr(modules[module_name], attr).copy_(t)
 
 
-def new_metadata(base: BaseModel, name: str, rank: int, alpha: float, **extra) -> dict:
+def new_metadata(base: BaseModel, name: str, rank: int, alpha: float, description: str = "", **extra) -> dict:
+    """What an adapter file says about itself; ``description`` is free text for the sites it is shared with."""
     return {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
         "kind": "convlora",
         "name": name,
+        "description": description,
         "rank": rank,
         "alpha": alpha,
         "base_model_id": base.model_id,
@@ -220,17 +229,64 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, overwrite: bool = Fa
 
 
 def load_adapter(path: str | os.PathLike) -> Adapter:
+    """Read and fully check an adapter file, which may come from another site.
+
+    Refused, each with one message naming the file: anything that is not
+    safetensors (a pickle is never unpickled), a truncated file, an unknown or
+    newer format, bad metadata, missing or extra tensors, wrong shapes or
+    dtypes for the U-Net it claims, and NaN/Inf values. Whether it fits a
+    given base model is checked when it is applied (:func:`apply_adapter`).
+    """
     path = Path(path)
     metadata = read_metadata(path, ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION)
-    rank, alpha, base_id = metadata.get("rank"), metadata.get("alpha"), metadata.get("base_model_id")
+    _check_metadata(path, metadata)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"{path}: cannot read the adapter tensors ({exc})") from None
+    _check_adapter_tensors(path, metadata, tensors)
+    return Adapter(tensors, metadata, path)
+
+
+def _check_metadata(path: Path, metadata: dict) -> None:
+    kind, rank, alpha, base_id = (metadata.get(k) for k in ("kind", "rank", "alpha", "base_model_id"))
+    if kind not in ADAPTER_KINDS:
+        raise InputError(f"{path}: adapter kind {kind!r} is not one this software reads ({', '.join(ADAPTER_KINDS)})")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise InputError(f"{path}: adapter rank must be a positive integer, got {rank!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not (math.isfinite(alpha) and alpha > 0):
         raise InputError(f"{path}: adapter alpha must be a positive number, got {alpha!r}")
     if not isinstance(base_id, str) or len(base_id) != 64:
         raise InputError(f"{path}: adapter metadata has no valid base_model_id")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise InputError(f"{path}: cannot read the adapter tensors ({exc})") from None
-    return Adapter(tensors, metadata, path)
+    for key in ("name", "description"):
+        if not isinstance(metadata.get(key, ""), str):
+            raise InputError(f"{path}: adapter metadata {key!r} must be text, got {metadata[key]!r}")
+
+
+def _check_adapter_tensors(path: Path, metadata: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Names, shapes and dtypes as the U-Net of the adapter's width would have them; finite values."""
+    expected = expected_adapter_tensors(_adapter_width(path, tensors), metadata["rank"])
+    check_tensors(path, tensors, expected, "adapter tensors do not fit a ConvLoRA U-Net")
+    layers = sorted(k.removesuffix(".lora_A") for k in expected if k.endswith(".lora_A"))
+    if "layers" in metadata and (not isinstance(metadata["layers"], list) or sorted(metadata["layers"]) != layers):
+        raise InputError(f"{path}: adapter metadata 'layers' does not match its tensors")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{path}: tensor {name} holds NaN or Inf values")
+
+
+def _adapter_width(path: Path, tensors: dict[str, torch.Tensor]) -> int:
+    """The U-Net base width an adapter was made for: the size of the first encoder batch norm."""
+    probe = f"{encoder_batchnorms(UNet2D(1))[0][0]}.weight"
+    t = tensors.get(probe)
+    if t is None or t.ndim != 1 or t.numel() < 1:
+        raise InputError(f"{path}: adapter tensors do not fit a ConvLoRA U-Net (no valid {probe})")
+    return t.numel()
+
+
+def expected_adapter_tensors(width: int, rank: int) -> dict[str, torch.Tensor]:
+    """Shape-only (meta) tensors of an adapter for a ``width``-wide U-Net: no memory, whatever the width."""
+    with torch.device("meta"):
+        unet = UNet2D(width)
+        inject_convlora(unet, rank=rank)
+    return adapter_tensors(unet)

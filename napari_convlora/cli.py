@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("adapt", help="train an adapter on unlabeled slices of a volume")
     p.add_argument("input", type=Path)
     p.add_argument("--name", help="adapter name (default: the input file's name)")
+    p.add_argument("--description", default="", help="free text stored in the adapter, e.g. scanner and protocol")
     p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
     p.add_argument("--slices", type=_positive_int, default=10)
     p.add_argument("--epochs", type=_positive_int, default=5)
@@ -153,6 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ground_truth", type=Path)
     p.add_argument("--tolerance", type=_positive_float, default=1.0, help="surface Dice tolerance in mm")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = sub.add_parser("adapters", help="the adapter library: list, show, remove, import, export")
+    actions = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    a = actions.add_parser("list", help="built-in and user adapters, and whether each fits the base model")
+    a.add_argument("--model", type=Path, help="base model to check against (default: the shipped source model)")
+    a = actions.add_parser("show", help="everything an adapter file says about itself")
+    a.add_argument("name")
+    a.add_argument("--model", type=Path, help="base model to check against (default: the shipped source model)")
+    a = actions.add_parser("remove", help="delete an adapter from the user library")
+    a.add_argument("name")
+    a = actions.add_parser("import", help="check an adapter file and copy it into the user library")
+    a.add_argument("file", type=Path)
+    a.add_argument("--name", help="library name (default: the name in the file)")
+    a = actions.add_parser("export", help="copy a library adapter out to a file, to share it")
+    a.add_argument("name")
+    a.add_argument("file", type=Path, help="adapter file to write (.safetensors)")
+    a.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    for a in actions.choices.values():
+        a.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 
 
@@ -204,21 +224,11 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
     from .adapt import AdaptCancelled, AdaptConfig, AdaptDone, EpochReport, StepReport, adapt
     from .adapters import save_adapter
     from .files import check_output_path
-    from .library import ADAPTER_SUFFIX, check_name, user_adapter_dir
+    from .library import ADAPTER_SUFFIX, check_name, user_adapter_path
     from .nifti import load_volume
 
     name = check_name(args.name or _stem(args.input))
-    if args.output is not None:
-        output = args.output
-    else:
-        folder = user_adapter_dir()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"{folder}: cannot create the adapter library folder ({exc.strerror or exc})") from None
-        output = folder / f"{name}{ADAPTER_SUFFIX}"
-        if output.exists() and not args.overwrite:
-            raise InputError(f"{output}: an adapter named {name!r} exists; choose another --name or pass --overwrite")
+    output = args.output or user_adapter_path(name, args.overwrite, "choose another --name or pass --overwrite")
     check_output_path(output, overwrite=args.overwrite, suffixes=(ADAPTER_SUFFIX,))
     config = AdaptConfig(
         slices=args.slices,
@@ -250,6 +260,7 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
         if bar is not None:
             bar.close()
     assert isinstance(done, AdaptDone)
+    done.adapter.metadata["description"] = args.description
     save_adapter(done.adapter, output, overwrite=args.overwrite)
     return {
         "adapter": str(output),
@@ -539,6 +550,56 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     return evaluate(pred.data, gt.data, pred.spacing, args.tolerance)
 
 
+def cmd_adapters(args: argparse.Namespace) -> dict:
+    from . import library
+
+    if args.action == "list":
+        model_id = _load_base(args.model).model_id
+        entries = [e.to_json() for e in library.list_adapters(model_id)]
+        return {
+            "action": "list",
+            "model_id": model_id,
+            "user_library": str(library.user_adapter_dir()),
+            "adapters": entries,
+        }
+    if args.action == "show":
+        return {"action": "show", **library.adapter_info(args.name, _load_base(args.model).model_id).to_json()}
+    if args.action == "remove":
+        return {"action": "remove", "name": args.name, "path": str(library.remove_adapter(args.name))}
+    if args.action == "import":
+        return {"action": "import", "file": str(args.file), **library.import_adapter(args.file, args.name).to_json()}
+    path = library.export_adapter(args.name, args.file, overwrite=args.overwrite)
+    return {"action": "export", "name": args.name, "path": str(path)}
+
+
+def _print_adapters(result: dict) -> None:
+    action = result["action"]
+    if action == "list":
+        print(f"{'name':24s} {'source':7s} {'kind':8s} {'base model':12s} {'fits':4s} {'size':>8s}  description")
+        for e in result["adapters"]:
+            if e["error"]:
+                print(f"{e['name']:24s} {e['source']:7s} unusable: {e['error']}")
+                continue
+            fits = "yes" if e["fits"] else "no"
+            text = e["description"] or e["domain"]
+            print(
+                f"{e['name']:24s} {e['source']:7s} {e['kind']:8s} {e['base_model_id'][:12]:12s} {fits:4s} "
+                f"{e['size_bytes'] / 1024:6.0f} kB  {text}"
+            )
+        print(f"({len(result['adapters'])} adapters; user library {result['user_library']})")
+    elif action == "show":
+        rows = [(k, v) for k, v in result.items() if k not in ("action", "metadata", "error")]
+        rows += [(f"metadata.{k}", v) for k, v in result["metadata"].items()]
+        for key, value in rows:
+            print(f"{key:25s} {value}")
+    elif action == "import":
+        print(f"{result['file']}: imported as {result['name']!r} ({result['path']})")
+    elif action == "remove":
+        print(f"{result['name']}: removed {result['path']}")
+    else:
+        print(f"{result['name']}: exported to {result['path']}")
+
+
 COMMANDS = {
     "segment": cmd_segment,
     "adapt": cmd_adapt,
@@ -548,6 +609,7 @@ COMMANDS = {
     "profiles": cmd_profiles,
     "train-source": cmd_train_source,
     "benchmark": cmd_benchmark,
+    "adapters": cmd_adapters,
 }
 
 
@@ -590,6 +652,8 @@ def _print_human(command: str, result: dict) -> None:
         print(f"(surface Dice, mean ± sd over seeds, simulated scanners; all figures in {result['output']})")
     elif command == "train-source":
         print(f"{result['model']}: model {result['model_id'][:12]}, {result['seconds']:.0f} s")
+    elif command == "adapters":
+        _print_adapters(result)
     elif command == "segment":
         print(
             f"{result['output']}: brain {result['volume_ml']:.1f} ml, adapter {result['adapter']}, "
