@@ -93,7 +93,7 @@ class ConvLoRAWidget(QWidget):
         self._closing = False
         self._pending_segment: tuple[str, float] | None = None
         self._segment_after_adapt = False
-        self._watched: QWidget | None = None
+        self._watched = 0  # id of the window whose closing we watch (a reference would keep it alive)
         self._watcher = _CloseWatcher(self)
         self._build()
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
@@ -338,12 +338,16 @@ class ConvLoRAWidget(QWidget):
         self._set_busy()
 
     def _on_segment_progress(self, report: SegmentProgress) -> None:
+        if self._closing:  # the viewer is closing: its widgets may be gone
+            return
         bar = self._bar("segment", report.total, "ConvLoRA: segmenting")
         bar.update(report.done - bar.n)
         eta = report.elapsed_s / max(report.done, 1) * (report.total - report.done)
         self.status.setText(f"segmenting: {report.done}/{report.total} slices, about {eta:.0f} s left")
 
     def _on_segmented(self, result: jobs.SegmentResult | None, target: dict) -> None:
+        if self._closing:  # the viewer is closing: its widgets may be gone
+            return
         after_adapt, self._segment_after_adapt = self._segment_after_adapt, False
         if result is None or self._closing:
             self.status.setText("segmentation stopped; nothing was added")
@@ -429,6 +433,8 @@ class ConvLoRAWidget(QWidget):
         self._set_busy()
 
     def _on_adapt_progress(self, report: object) -> None:
+        if self._closing:  # the viewer is closing: its widgets may be gone
+            return
         if isinstance(report, StepReport):
             bar = self._bar("adapt", report.total_steps, "ConvLoRA: adapting")
             bar.update(report.step - bar.n)
@@ -442,6 +448,8 @@ class ConvLoRAWidget(QWidget):
             self.train_plot.add_point("agreement", steps, report.agreement)
 
     def _on_adapted(self, result: jobs.AdaptResult | None, image_name: str) -> None:
+        if self._closing:  # the viewer is closing: its widgets may be gone
+            return
         if result is None or self._closing:
             self.adapt_status.setText("adaptation cancelled: nothing was saved or added")
             return
@@ -546,6 +554,8 @@ class ConvLoRAWidget(QWidget):
         )
 
     def _on_metrics(self, result: jobs.MetricsResult | None, gt_name: str, kwargs: dict) -> None:
+        if self._closing:  # the viewer is closing: its widgets may be gone
+            return
         if result is None or self._closing:
             return
         self.last_metrics = result
@@ -620,6 +630,8 @@ class ConvLoRAWidget(QWidget):
         return self._progress[kind]
 
     def _on_error(self, kind: str, exc: BaseException, device: str = "") -> None:
+        if self._closing:  # the viewer is closing: its widgets may be gone
+            return
         if not isinstance(exc, InputError):
             log.error("napari-convlora %s failed", kind, exc_info=exc)
         message = jobs.describe_error(exc, device)
@@ -628,6 +640,8 @@ class ConvLoRAWidget(QWidget):
 
     def _on_finished(self, kind: str) -> None:
         self.jobs.pop(kind, None)
+        if self._closing:
+            return
         bar = self._progress.pop(kind, None)
         if bar is not None:
             bar.close()
@@ -646,19 +660,24 @@ class ConvLoRAWidget(QWidget):
         show_error(f"napari-convlora: {jobs.describe_error(exc)}")
 
     def stop_all(self, wait_s: float = 0.0) -> None:
-        """Ask every running job to stop; wait up to ``wait_s`` for each (the viewer is closing)."""
-        self._closing = wait_s > 0 or self._closing
+        """Ask every running job to stop; with ``wait_s`` (the viewer is closing) wait for them and let go."""
         for job in list(self.jobs.values()):
             job.cancel()
+        if wait_s <= 0:
+            return
+        self._closing = True
         for job in list(self.jobs.values()):
-            if wait_s > 0 and not job.wait(wait_s):
+            if not job.wait(wait_s):
                 log.warning("napari-convlora: a %s job did not stop within %.0f s", job.kind, wait_s)
+        for bar in self._progress.values():
+            bar.close()
+        self._progress.clear()
 
     def showEvent(self, event) -> None:  # Qt's method name
         window = self.window()
-        if window is not self and window is not self._watched:
+        if window is not self and id(window) != self._watched:
             window.installEventFilter(self._watcher)
-            self._watched = window
+            self._watched = id(window)
         super().showEvent(event)
 
 

@@ -52,7 +52,10 @@ def start_job(
     """Start ``job(*args, stop=..., **kwargs)`` in a GeneratorWorker and connect the handlers (GUI thread)."""
     stop = stop if stop is not None else threading.Event()
     finished = threading.Event()
-    worker = create_worker(_guarded, job, finished, *args, stop=stop, _start_thread=False, **kwargs)
+    # errors go to on_error (a notification), never re-raised into the Qt event loop
+    worker = create_worker(
+        _guarded, job, finished, *args, stop=stop, _start_thread=False, _ignore_errors=True, **kwargs
+    )
     if on_yield is not None:
         worker.yielded.connect(on_yield)
     if on_return is not None:
