@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ground_truth", type=Path)
     p.add_argument("--tolerance", type=_positive_float, default=1.0, help="surface Dice tolerance in mm")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+    p = sub.add_parser("gui", help="open napari with the ConvLoRA Skull Strip widget docked (needs the [qt] extra)")
+    p.add_argument("--sample", action="store_true", help="load the sample as a simulated Philips 3 T scan + its mask")
+    p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
     return parser
 
 
@@ -426,6 +430,16 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     return evaluate(pred.data, gt.data, pred.spacing, args.tolerance)
 
 
+def cmd_gui(args: argparse.Namespace) -> dict:
+    """Open napari with the widget; exits with napari's event loop (napari and Qt are imported only here)."""
+    try:
+        from ._napari.launch import launch
+    except ImportError as exc:
+        raise InputError(f'the GUI needs napari and Qt: pip install -e ".[qt]" ({exc})') from None
+    launch(sample=args.sample, model=args.model)
+    raise SystemExit(EXIT_OK)
+
+
 COMMANDS = {
     "segment": cmd_segment,
     "adapt": cmd_adapt,
@@ -434,6 +448,7 @@ COMMANDS = {
     "simulate": cmd_simulate,
     "profiles": cmd_profiles,
     "train-source": cmd_train_source,
+    "gui": cmd_gui,
 }
 
 

@@ -15,6 +15,8 @@ import torch
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
+from napari.layers import Labels
+
 from napari_convlora._napari import jobs
 from napari_convlora._napari.layers import MADE_BY_KEY
 from napari_convlora._napari.widget import AROUND, ConvLoRAWidget
@@ -200,3 +202,30 @@ def test_closing_the_viewer_stops_a_run(make_napari_viewer, qtbot, model_file, s
     assert job.finished.is_set() and job.stop.is_set()
     assert not (tmp_path / "home" / "adapters" / "closed.safetensors").exists()
     qtbot.waitUntil(lambda: not job.worker.is_running, timeout=TIMEOUT_MS)
+
+
+def test_plugin_menu_widget_and_gui_launcher(make_napari_viewer_proxy, qtbot, model_file):
+    viewer = make_napari_viewer_proxy()
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-convlora", "ConvLoRA Skull Strip")  # napari -w
+    assert isinstance(widget, ConvLoRAWidget)
+    viewer.open_sample("napari-convlora", "colin27-t1")
+    viewer.open_sample("napari-convlora", "colin27-mask")
+    assert widget.image_combo.currentText() == "colin27_t1"
+    assert widget.gt_combo.currentText() == "colin27_mask_consensus"
+    assert isinstance(viewer.layers["colin27_mask_consensus"], Labels)
+    from napari_convlora.cli import build_parser
+
+    args = build_parser().parse_args(["gui", "--sample", "--model", str(model_file)])
+    assert args.command == "gui" and args.sample and args.model == model_file
+
+
+def test_gui_launcher_opens_the_widget_with_the_sample(qtbot, model_file):
+    from napari_convlora._napari.launch import open_viewer
+
+    viewer, widget = open_viewer(sample=True, model=model_file, show=False)
+    try:
+        assert widget.image_combo.currentText() == "colin27_t1_philips-3t"
+        assert widget.gt_combo.currentText() == "colin27_mask_philips-3t"
+        assert widget.model_path == model_file
+    finally:
+        viewer.close()
