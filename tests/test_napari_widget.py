@@ -18,8 +18,9 @@ pytest.importorskip("pytestqt")
 from napari.layers import Labels
 
 from napari_convlora._napari import jobs
+from napari_convlora._napari.controls import AROUND
 from napari_convlora._napari.layers import MADE_BY_KEY
-from napari_convlora._napari.widget import AROUND, ConvLoRAWidget
+from napari_convlora._napari.widget import ConvLoRAWidget
 from napari_convlora.adapters import load_adapter
 from napari_convlora.metrics import evaluate
 from napari_convlora.model import load_model
@@ -51,13 +52,13 @@ def _wait_idle(qtbot, widget):
 
 def test_segment_sample_with_ground_truth(viewer_widget, qtbot, small_path, small_mask_path, model_file):
     viewer, widget = viewer_widget
-    assert widget.image_combo.currentText() == "head4mm"
-    assert widget.gt_combo.currentText() == "mask4mm"  # the opened reference mask is offered as ground truth
-    assert widget.adapter_combo.currentText() == jobs.SOURCE_LABEL
-    assert "CPU" in widget.device_note.text() or "cpu" in widget.device_note.text()
-    widget.errors_check.setChecked(True)
-    widget.segment_button.click()
-    assert widget.segment_button.isEnabled() is False  # a real worker is running
+    assert widget.controls.image_combo.currentText() == "head4mm"
+    assert widget.controls.gt_combo.currentText() == "mask4mm"  # the opened reference mask is offered as ground truth
+    assert widget.controls.adapter_combo.currentText() == jobs.SOURCE_LABEL
+    assert "CPU" in widget.controls.device_note.text() or "cpu" in widget.controls.device_note.text()
+    widget.controls.errors_check.setChecked(True)
+    widget.controls.segment_button.click()
+    assert widget.controls.segment_button.isEnabled() is False  # a real worker is running
     _wait_idle(qtbot, widget)
     mask_layer = viewer.layers["mask: source"]
     image = viewer.layers["head4mm"]
@@ -79,38 +80,41 @@ def test_segment_sample_with_ground_truth(viewer_widget, qtbot, small_path, smal
     assert row["dice"] == pytest.approx(figures["dice"]) and row["surface_dice"] == pytest.approx(
         figures["surface_dice"]
     )
-    assert widget.table.rowCount() == 2 and widget.table.item(0, 0).text() == f"{figures['dice']:.3f}"
+    assert widget.controls.table.rowCount() == 2 and widget.controls.table.item(0, 0).text() == f"{figures['dice']:.3f}"
     errors = viewer.layers["surface errors: mask: source"]
     assert set(np.unique(errors.data)) <= {0, 1, 2} and errors.data.any()
-    assert "Segment click to mask" in widget.status.text() and widget.timings["segment"] > 0
+    assert "from Segment click" in widget.controls.status.text() and widget.timings["segment"] > 0
     # a second Segment makes a new layer, never touching the first (which the user may have edited)
     mask_layer.data[0, 0, 0] = 7
-    widget.segment_button.click()
+    widget.controls.segment_button.click()
     _wait_idle(qtbot, widget)
     assert mask_layer.data[0, 0, 0] == 7
-    assert len([layer for layer in viewer.layers if layer.name.startswith("mask: source")]) == 2
+    second = [layer.name for layer in viewer.layers if layer.name.startswith("mask: source [")]
+    assert len(second) == 1
+    # both masks are scored side by side; the surface errors layers are never taken for masks
+    assert set(widget.last_metrics.rows) == {"mask: source", second[0]}
 
 
 def test_adapt_saves_selects_and_segments(viewer_widget, qtbot, tmp_path, model_file):
     viewer, widget = viewer_widget
-    widget.slices_spin.setValue(2)
-    widget.epochs_spin.setValue(1)
-    widget.name_edit.setText("scanner-b")
+    widget.controls.slices_spin.setValue(2)
+    widget.controls.epochs_spin.setValue(1)
+    widget.controls.name_edit.setText("scanner-b")
     before = load_model(model_file).model_id
-    widget.adapt_button.click()
-    assert widget.adapt_button.text() == "Cancel"
+    widget.controls.adapt_button.click()
+    assert widget.controls.adapt_button.text() == "Cancel"
     _wait_idle(qtbot, widget)
     path = tmp_path / "home" / "adapters" / "scanner-b.safetensors"
     assert path.is_file()
     adapter = load_adapter(path)
     assert adapter.name == "scanner-b" and adapter.metadata["epochs"] == 1 and len(adapter.metadata["slices"]) == 2
     assert adapter.base_model_id == before == load_model(model_file).model_id
-    assert widget.adapter_combo.currentText() == "scanner-b"
+    assert widget.controls.adapter_combo.currentText() == "scanner-b"
     assert "mask: scanner-b" in viewer.layers
     assert viewer.layers["mask: scanner-b"].data.shape == viewer.layers["head4mm"].data.shape
-    assert widget.timings["adapt"] > 0 and widget.adapt_button.text() == "Adapt"
-    assert widget.train_plot.series["loss"] and widget.train_plot.series["agreement"]
-    assert widget.slice_list.count() == 2
+    assert widget.timings["adapt"] > 0 and widget.controls.adapt_button.text() == "Adapt"
+    assert widget.controls.train_plot.series["loss"] and widget.controls.train_plot.series["agreement"]
+    assert widget.controls.slice_list.count() == 2
     points = viewer.layers["adapter slices: scanner-b"]
     assert len(points.data) == 2
     axis, index = widget.adapter_slices[0]
@@ -118,33 +122,38 @@ def test_adapt_saves_selects_and_segments(viewer_widget, qtbot, tmp_path, model_
     assert viewer.dims.order[0] == axis and viewer.dims.current_step[axis] == index
     # source and adapted side by side in the metrics table
     qtbot.waitUntil(lambda: widget.last_metrics is not None and len(widget.last_metrics.rows) == 1, timeout=TIMEOUT_MS)
-    widget.evaluate_button.click()
+    widget.controls.evaluate_button.click()
     _wait_idle(qtbot, widget)
     assert set(widget.last_metrics.rows) == {"mask: scanner-b"}
+    # "auto" ranks the source model and the library's adapter by early/final agreement and says why
+    widget.controls.adapter_combo.setCurrentText(jobs.AUTO_LABEL)
+    widget.controls.segment_button.click()
+    _wait_idle(qtbot, widget)
+    assert "auto chose" in widget.controls.status.text() and "scanner-b" in widget.controls.status.text()
     csv_path = widget.export_csv(tmp_path / "metrics.csv")
     assert csv_path.read_text().splitlines()[0].startswith("mask,dice,surface_dice")
     # the same name again is refused up front, with the file left as it was
     stamp = path.stat().st_mtime_ns
-    widget.adapt_button.click()
+    widget.controls.adapt_button.click()
     assert not widget.jobs and path.stat().st_mtime_ns == stamp
 
 
 def test_cancel_leaves_everything_as_before(viewer_widget, qtbot, tmp_path, model_file):
     viewer, widget = viewer_widget
-    widget.epochs_spin.setValue(100)
-    widget.slices_spin.setValue(4)
-    widget.slice_mode.setCurrentText(AROUND)
-    widget.name_edit.setText("never-saved")
+    widget.controls.epochs_spin.setValue(100)
+    widget.controls.slices_spin.setValue(4)
+    widget.controls.slice_mode.setCurrentText(AROUND)
+    widget.controls.name_edit.setText("never-saved")
     layers_before = [layer.name for layer in viewer.layers]
-    widget.adapt_button.click()
-    qtbot.waitUntil(lambda: len(widget.train_plot.series.get("loss", [])) >= 2, timeout=TIMEOUT_MS)
-    widget.adapt_button.click()  # Cancel
-    assert widget.adapt_button.text() == "Cancelling..."
+    widget.controls.adapt_button.click()
+    qtbot.waitUntil(lambda: len(widget.controls.train_plot.series.get("loss", [])) >= 2, timeout=TIMEOUT_MS)
+    widget.controls.adapt_button.click()  # Cancel
+    assert widget.controls.adapt_button.text() == "Cancelling..."
     _wait_idle(qtbot, widget)
-    assert len(widget.train_plot.series["loss"]) < 100  # stopped long before the end
+    assert len(widget.controls.train_plot.series["loss"]) < 100  # stopped long before the end
     assert not (tmp_path / "home" / "adapters").exists() or not any((tmp_path / "home" / "adapters").iterdir())
     assert [layer.name for layer in viewer.layers] == layers_before
-    assert "cancelled" in widget.adapt_status.text() and widget.adapt_button.text() == "Adapt"
+    assert "cancelled" in widget.controls.adapt_status.text() and widget.controls.adapt_button.text() == "Adapt"
     assert jobs.get_model(model_file).model_id == load_model(model_file).model_id
 
 
@@ -152,11 +161,11 @@ def test_errors_become_notifications(viewer_widget, qtbot, tmp_path, monkeypatch
     viewer, widget = viewer_widget
     messages = []
     monkeypatch.setattr("napari_convlora._napari.widget.show_error", messages.append)
-    widget.name_edit.setText("bad name!")
-    widget.adapt_button.click()
+    widget.controls.name_edit.setText("bad name!")
+    widget.controls.adapt_button.click()
     assert "invalid adapter name" in messages[-1] and not widget.jobs
-    widget.gt_combo.setCurrentText("(none)")
-    widget.evaluate_button.click()
+    widget.controls.gt_combo.setCurrentText("(none)")
+    widget.controls.evaluate_button.click()
     assert "no ground truth" in messages[-1]
     # an adapter made for another base model is refused with a clear message
     other = tmp_path / "other.safetensors"
@@ -178,13 +187,13 @@ def test_errors_become_notifications(viewer_widget, qtbot, tmp_path, monkeypatch
     _wait_idle(qtbot, widget)
     assert "adapter made for base model" in messages[-1]
     assert len(viewer.layers) == n_layers
-    widget.device_combo.setCurrentText("cuda")
+    widget.controls.device_combo.setCurrentText("cuda")
     if not torch.cuda.is_available():
-        widget.segment_button.click()
+        widget.controls.segment_button.click()
         _wait_idle(qtbot, widget)
         assert "no CUDA GPU" in messages[-1]
-    widget.image_combo.clear()
-    widget.segment_button.click()
+    widget.controls.image_combo.clear()
+    widget.controls.segment_button.click()
     assert "no MRI image" in messages[-1]
 
 
@@ -193,11 +202,11 @@ def test_closing_the_viewer_stops_a_run(make_napari_viewer, qtbot, model_file, s
     viewer.open(str(small_path), plugin="napari-convlora")
     widget = ConvLoRAWidget(viewer, model_path=model_file)
     viewer.window.add_dock_widget(widget)
-    widget.epochs_spin.setValue(100)
-    widget.name_edit.setText("closed")
-    widget.adapt_button.click()
+    widget.controls.epochs_spin.setValue(100)
+    widget.controls.name_edit.setText("closed")
+    widget.controls.adapt_button.click()
     job = widget.jobs["adapt"]
-    qtbot.waitUntil(lambda: len(widget.train_plot.series.get("loss", [])) >= 1, timeout=TIMEOUT_MS)
+    qtbot.waitUntil(lambda: len(widget.controls.train_plot.series.get("loss", [])) >= 1, timeout=TIMEOUT_MS)
     viewer.close()
     assert job.finished.is_set() and job.stop.is_set()
     assert not (tmp_path / "home" / "adapters" / "closed.safetensors").exists()
@@ -210,8 +219,8 @@ def test_plugin_menu_widget_and_gui_launcher(make_napari_viewer_proxy, qtbot, mo
     assert isinstance(widget, ConvLoRAWidget)
     viewer.open_sample("napari-convlora", "colin27-t1")
     viewer.open_sample("napari-convlora", "colin27-mask")
-    assert widget.image_combo.currentText() == "colin27_t1"
-    assert widget.gt_combo.currentText() == "colin27_mask_consensus"
+    assert widget.controls.image_combo.currentText() == "colin27_t1"
+    assert widget.controls.gt_combo.currentText() == "colin27_mask_consensus"
     assert isinstance(viewer.layers["colin27_mask_consensus"], Labels)
     from napari_convlora.cli import build_parser
 
@@ -224,8 +233,8 @@ def test_gui_launcher_opens_the_widget_with_the_sample(qtbot, model_file):
 
     viewer, widget = open_viewer(sample=True, model=model_file, show=False)
     try:
-        assert widget.image_combo.currentText() == "colin27_t1_philips-3t"
-        assert widget.gt_combo.currentText() == "colin27_mask_philips-3t"
+        assert widget.controls.image_combo.currentText() == "colin27_t1_philips-3t"
+        assert widget.controls.gt_combo.currentText() == "colin27_mask_philips-3t"
         assert widget.model_path == model_file
     finally:
         viewer.close()

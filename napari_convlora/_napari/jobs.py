@@ -12,6 +12,8 @@ capped so that one core stays free for the GUI thread.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import threading
 from collections.abc import Callable, Generator
@@ -24,10 +26,11 @@ import torch
 
 from ..adapt import AdaptCancelled, AdaptConfig, AdaptDone, adapt
 from ..adapters import Adapter, save_adapter
+from ..choose import choose_adapter
 from ..errors import InputError
 from ..geometry import plan
 from ..inference import Segmentation, SegmentProgress, iter_segment
-from ..library import ADAPTER_SUFFIX, check_name, resolve_adapter, user_adapter_dir
+from ..library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, check_name, resolve_adapter, user_adapter_dir
 from ..metrics import evaluate
 from ..model import BaseModel, load_model
 from ..nifti import Volume
@@ -66,13 +69,24 @@ class SegmentResult:
     note: str  # what was used and why, for the widget's status line
 
 
-def resolve_for_widget(spec: str) -> tuple[Adapter | None, str, str]:
+def library_files() -> list[tuple[str, Path, bool]]:
+    """(name, file, built-in?) of every adapter in the library: built-ins first, then the user's own."""
+    out = []
+    for folder, builtin in ((BUILTIN_ADAPTERS, True), (user_adapter_dir(), False)):
+        if folder.is_dir():
+            out += [(p.name[: -len(ADAPTER_SUFFIX)], p, builtin) for p in sorted(folder.glob(f"*{ADAPTER_SUFFIX}"))]
+    return out
+
+
+def resolve_for_widget(spec: str, base: BaseModel, volume: Volume, device: str) -> tuple[Adapter | None, str, str]:
     """The adapter for a combo-box choice, the mask label, and a note saying what was used and why."""
     if spec == SOURCE_LABEL:
         return None, "source", "source model (no adapter)"
     if spec == AUTO_LABEL:
-        # The core has no automatic choice yet (the CLI's --adapter auto says the same).
-        return None, "source", "auto: no automatic adapter choice in this version, so the source model was used"
+        # the user's adapters first, so that one shadows a built-in of the same name (as in the library)
+        files = [path for _, path, builtin in sorted(library_files(), key=lambda f: f[2])]
+        choice = choose_adapter(base, volume, files, device=device)
+        return choice.adapter, choice.label, choice.reason
     adapter = resolve_adapter(spec)
     return adapter, adapter.name or spec, f"adapter {adapter.name or spec}"
 
@@ -83,7 +97,7 @@ def segment_job(
     """Segment ``volume`` with the chosen adapter; yield progress; return None if stopped."""
     limit_threads()
     base = get_model(model_path)
-    adapter, label, note = resolve_for_widget(spec)
+    adapter, label, note = resolve_for_widget(spec, base, volume, device)
     result = None
     for report in iter_segment(base, volume, adapter, device=device, should_stop=stop.is_set):
         if isinstance(report, SegmentProgress):
@@ -182,6 +196,17 @@ def metrics_job(
         if name in error_maps_for:
             errors[name] = surface_error_map(mask, gt, spacing, tolerance_mm)
     return MetricsResult(float(tolerance_mm), rows, per_slice, errors)
+
+
+def metrics_csv(result: MetricsResult) -> str:
+    """The metrics table as CSV text, one row per mask."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    columns = ("dice", "surface_dice", "tolerance_mm", "hd95_mm", "volume_ml_pred", "volume_ml_gt")
+    writer.writerow(["mask", "dice", "surface_dice", "tolerance_mm", "hd95_mm", "volume_ml", "volume_ml_gt"])
+    for name, figures in result.rows.items():
+        writer.writerow([name, *(figures[c] for c in columns)])
+    return out.getvalue()
 
 
 def describe_error(exc: BaseException, device: str = "") -> str:
