@@ -9,6 +9,7 @@ has finished, so a cancel or an error leaves the viewer as it was.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from pathlib import Path
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
     import napari
 
 log = logging.getLogger(__name__)
+
+# napari's Labels layer imports pandas the first time one is made: ~0.4 s on the GUI thread just when the
+# first mask arrives (measured, scripts/bench_gui.py). Importing it with the widget moves that to opening time.
+importlib.import_module("pandas")
 
 CLOSE_WAIT_S = 30.0  # how long closing the viewer waits for a job to stop (it stops within one step)
 
