@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from nibabel import orientations
 from scipy import ndimage
 
 from .geometry import SliceGeometry
@@ -97,3 +98,19 @@ def model_slices_around(geometry: SliceGeometry, disk_index: Sequence[int], n: i
     centre = geometry.disk_to_model_slice(tuple(int(i) for i in disk_index))
     first = int(np.clip(centre - n // 2, 0, geometry.n_slices - n))
     return list(range(first, first + n))
+
+
+def upright_view(affine: np.ndarray, slice_axis: int) -> tuple[int, int, bool, bool]:
+    """How to show the slices across file axis ``slice_axis`` the way radiologists read them.
+
+    Returns (vertical file axis, horizontal file axis, whether the vertical index must grow upwards,
+    whether the horizontal index must grow leftwards): the axis nearest to superior-inferior is
+    vertical with superior up; the other is horizontal with anterior (or the patient's right)
+    to the left. Viewers that show arrays as stored (napari) use it to set the axis order and
+    the direction of the screen axes, without touching the data.
+    """
+    ornt = orientations.io_orientation(affine)
+    others = [a for a in range(3) if a != slice_axis]
+    vertical = next((a for a in others if int(ornt[a, 0]) == 2), others[0])
+    horizontal = next(a for a in others if a != vertical)
+    return vertical, horizontal, bool(ornt[vertical, 1] > 0), bool(ornt[horizontal, 1] > 0)

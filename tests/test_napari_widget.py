@@ -115,8 +115,10 @@ def test_adapt_saves_selects_and_segments(viewer_widget, qtbot, tmp_path, model_
     assert widget.timings["adapt"] > 0 and widget.controls.adapt_button.text() == "Adapt"
     assert widget.controls.train_plot.series["loss"] and widget.controls.train_plot.series["agreement"]
     assert widget.controls.slice_list.count() == 2
-    points = viewer.layers["adapter slices: scanner-b"]
-    assert len(points.data) == 2
+    frames = viewer.layers["adapter slices: scanner-b"]  # a rectangle framing each learned slice
+    assert len(frames.data) == 2
+    for frame, (axis, index) in zip(frames.data, widget.adapter_slices, strict=True):
+        np.testing.assert_array_equal(frame[:, axis], index)
     axis, index = widget.adapter_slices[0]
     widget.jump_to_slice(axis, index)
     assert viewer.dims.order[0] == axis and viewer.dims.current_step[axis] == index

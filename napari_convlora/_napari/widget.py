@@ -28,6 +28,7 @@ from ..errors import InputError
 from ..files import atomic_write, check_output_path
 from ..inference import SegmentProgress
 from ..library import check_name, default_model_path
+from ..review import upright_view
 from . import jobs
 from .controls import AROUND, NO_GT, Controls
 from .layers import MADE_BY_KEY, aligned_kwargs, check_image_volume, volume_from_layer
@@ -338,23 +339,31 @@ class ConvLoRAWidget(QWidget):
         self._pending_segment = (str(result.path), self._clicked.pop("adapt", time.perf_counter()))
 
     def _mark_slices(self, result: jobs.AdaptResult, image_name: str) -> None:
-        """List the slices the adapter learned from, and mark them with a Points layer over the image."""
+        """List the slices the adapter learned from, and frame each of them with a rectangle over the image."""
         self.adapter_slices = [(result.axis, i) for i in result.file_slices]
         self.controls.show_slices(self.adapter_slices)
         if image_name not in self.viewer.layers:
             return
         image = self.viewer.layers[image_name]
-        centre = [(n - 1) / 2 for n in image.data.shape]
-        points = [
-            [index if a == axis else centre[a] for a in range(len(centre))] for axis, index in self.adapter_slices
-        ]
+        shape = image.data.shape
+        a, b = (d for d in range(3) if d != result.axis)
+        frames = []
+        for axis, index in self.adapter_slices:
+            corners = []
+            for u, v in ((0, 0), (shape[a] - 1, 0), (shape[a] - 1, shape[b] - 1), (0, shape[b] - 1)):
+                corner = [0.0, 0.0, 0.0]
+                corner[axis], corner[a], corner[b] = index, u, v
+                corners.append(corner)
+            frames.append(np.asarray(corners, dtype=float))
         kwargs = aligned_kwargs(image)
         kwargs["metadata"] = {**kwargs["metadata"], MADE_BY_KEY: {"adapter_slices": result.done.adapter.name}}
-        self.viewer.add_points(
-            np.asarray(points, dtype=float),
+        self.viewer.add_shapes(
+            frames,
+            shape_type="rectangle",
             name=f"adapter slices: {result.done.adapter.name}",
-            size=max(image.data.shape) / 12,
-            face_color="yellow",
+            edge_color="yellow",
+            face_color="transparent",
+            edge_width=max(shape) / 100,
             **kwargs,
         )
 
@@ -364,18 +373,20 @@ class ConvLoRAWidget(QWidget):
             self.jump_to_slice(*chosen)
 
     def jump_to_slice(self, axis: int, index: int) -> None:
-        """Show slice ``index`` of file axis ``axis`` of the chosen image (2D view across that axis)."""
+        """Show slice ``index`` across file axis ``axis`` of the chosen image, upright (superior up)."""
         try:
             layer = self._image_layer()
         except InputError as exc:
             self._notify_error(exc)
             return
+        vertical, horizontal, up, left = upright_view(volume_from_layer(layer).affine, axis)
         dims = self.viewer.dims
-        dim = dims.ndim - layer.ndim + axis
-        dims.order = (dim, *(a for a in dims.order if a != dim))
+        first = dims.ndim - layer.ndim
+        dims.order = (*range(first), first + axis, first + vertical, first + horizontal)
+        self.viewer.camera.orientation2d = ("up" if up else "down", "left" if left else "right")
         position = [(n - 1) / 2 for n in layer.data.shape]
         position[axis] = index
-        dims.set_point(dim, float(layer.data_to_world(position)[axis]))
+        dims.set_point(first + axis, float(layer.data_to_world(position)[axis]))
 
     # ---------------------------------------------------------------- metrics
     def evaluate(self, errors_for: tuple[str, ...] = ()) -> None:
