@@ -80,7 +80,9 @@ def test_segment_sample_with_ground_truth(viewer_widget, qtbot, small_path, smal
     assert row["dice"] == pytest.approx(figures["dice"]) and row["surface_dice"] == pytest.approx(
         figures["surface_dice"]
     )
-    assert widget.controls.table.rowCount() == 2 and widget.controls.table.item(0, 0).text() == f"{figures['dice']:.3f}"
+    assert (
+        widget.controls.table.columnCount() == 2 and widget.controls.table.item(0, 0).text() == f"{figures['dice']:.3f}"
+    )
     errors = viewer.layers["surface errors: mask: source"]
     assert set(np.unique(errors.data)) <= {0, 1, 2} and errors.data.any()
     assert "from Segment click" in widget.controls.status.text() and widget.timings["segment"] > 0

@@ -124,9 +124,8 @@ class Controls(QWidget):
         self.tau_spin.setValue(1.0)
         self.tau_spin.setSuffix(" mm")
         self.evaluate_button = QPushButton("Evaluate")
-        self.table = QTableWidget(0, 4)
-        self.table.setHorizontalHeaderLabels(["Dice", "surface Dice", "HD95 (mm)", "volume (ml)"])
-        self.table.setMinimumHeight(110)
+        self.table = QTableWidget(0, 0)
+        self.table.setMinimumHeight(150)
         self.slice_plot = LinePlot("surface Dice per slice (axis 0)", "slice")
         self.export_button = QPushButton("Export CSV...")
         form.addRow("tolerance tau", self.tau_spin)
@@ -177,24 +176,29 @@ class Controls(QWidget):
         return None if item is None else tuple(item.data(Qt.ItemDataRole.UserRole))
 
     def show_metrics(self, result: MetricsResult, gt_name: str) -> None:
-        """Fill the table (one row per mask, then the ground truth's volume) and the per-slice plot."""
-        self.table.setHorizontalHeaderLabels(
-            ["Dice", f"surface Dice @ {result.tolerance_mm:g} mm", "HD95 (mm)", "volume (ml)"]
-        )
-        names = [*result.rows, gt_name]
-        self.table.setRowCount(len(names))
-        self.table.setVerticalHeaderLabels(names)
-        for row, figures in enumerate(result.rows.values()):
-            values = (figures["dice"], figures["surface_dice"], figures["hd95_mm"], figures["volume_ml_pred"])
-            for col, value in enumerate(values):
-                self.table.setItem(row, col, QTableWidgetItem(_fmt(value)))
-        if result.rows:
-            gt_volume = next(iter(result.rows.values()))["volume_ml_gt"]
-            self.table.setItem(len(names) - 1, 3, QTableWidgetItem(_fmt(gt_volume)))
+        """Fill the table (a column per mask, side by side, then the ground truth) and the per-slice plot."""
+        rows = ("Dice", f"surface Dice @ {result.tolerance_mm:g} mm", "HD95 (mm)", "volume (ml)")
+        keys = ("dice", "surface_dice", "hd95_mm", "volume_ml_pred")
+        names = list(result.rows)
+        self.table.clear()
+        self.table.setRowCount(len(rows))
+        self.table.setColumnCount(len(names) + 1)
+        self.table.setVerticalHeaderLabels(rows)
+        self.table.setHorizontalHeaderLabels([_short(n) for n in names] + [f"{_short(gt_name)} (truth)"])
+        for col, name in enumerate(names):
+            for row, key in enumerate(keys):
+                self.table.setItem(row, col, QTableWidgetItem(_fmt(result.rows[name][key])))
+        if names:
+            self.table.setItem(3, len(names), QTableWidgetItem(_fmt(result.rows[names[0]]["volume_ml_gt"])))
         self.table.resizeColumnsToContents()
         self.slice_plot.clear()
         for name, scores in result.per_slice.items():
-            self.slice_plot.set_series(name, [(float(i), float(s)) for i, s in enumerate(scores)])
+            self.slice_plot.set_series(_short(name), [(float(i), float(s)) for i, s in enumerate(scores)])
+
+
+def _short(layer_name: str) -> str:
+    """ "mask: philips-3t" -> "philips-3t": the table and plots have little room."""
+    return layer_name.removeprefix("mask: ")
 
 
 def _label(text: str = "") -> QLabel:

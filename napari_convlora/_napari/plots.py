@@ -46,10 +46,10 @@ class LinePlot(QWidget):
         painter.setRenderHint(QPainter.RenderHint.Antialiasing)
         text = self.palette().text().color()
         w, h = self.width(), self.height()
-        left, right, top, bottom = 34, 8, 18, 18
+        left, right, top, bottom = 34, 8, 32, 18
         box = QRectF(left, top, max(w - left - right, 10), max(h - top - bottom, 10))
         painter.setPen(QPen(text))
-        painter.drawText(QRectF(0, 0, w, top), Qt.AlignmentFlag.AlignCenter, self.title)
+        painter.drawText(QRectF(0, 0, w, 16), Qt.AlignmentFlag.AlignCenter, self.title)
         painter.drawRect(box)
         x0, x1, y1 = self._ranges()
         painter.drawText(QRectF(0, box.top() - 6, left - 4, 12), Qt.AlignmentFlag.AlignRight, f"{y1:.2g}")
@@ -65,7 +65,7 @@ class LinePlot(QWidget):
                 box.left() + (x - x0) / (x1 - x0) * box.width(), box.bottom() - max(0.0, y) / y1 * box.height()
             )
 
-        legend_y = box.top() + 4
+        legend_x = box.left()
         for i, (name, points) in enumerate(self.series.items()):
             color = QColor(COLORS[i % len(COLORS)])
             painter.setPen(QPen(color, 1.6))
@@ -79,6 +79,6 @@ class LinePlot(QWidget):
                 elif run:
                     painter.drawPolyline(QPolygonF(run))
                 run = []
-            painter.drawText(QRectF(box.left() + 6, legend_y, box.width() - 12, 14), Qt.AlignmentFlag.AlignRight, name)
-            legend_y += 14
+            painter.drawText(QRectF(legend_x, 16, box.right() - legend_x, 14), Qt.AlignmentFlag.AlignLeft, name)
+            legend_x += painter.fontMetrics().horizontalAdvance(name) + 14
         painter.end()
