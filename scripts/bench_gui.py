@@ -47,21 +47,24 @@ class TickRecorder:
         self.widget = widget
         self.gaps: list[tuple[float, float, str]] = []  # (start, end, state at start)
         self.handlers: list[tuple[float, float]] = []
+        self.handler_ms: dict[str, float] = {}  # slowest run of each result handler
         self._last = time.perf_counter()
         self._state = self.state()
         self.timer = QTimer()
         self.timer.setInterval(TICK_MS)
         self.timer.timeout.connect(self._tick)
         for name in ("_on_segmented", "_on_adapted", "_on_metrics", "_on_finished"):
-            setattr(widget, name, self._timed(getattr(widget, name)))
+            setattr(widget, name, self._timed(getattr(widget, name), name))
 
-    def _timed(self, handler):
+    def _timed(self, handler, name: str):
         def run(*args, **kwargs):
             start = time.perf_counter()
             try:
                 return handler(*args, **kwargs)
             finally:
-                self.handlers.append((start, time.perf_counter()))
+                end = time.perf_counter()
+                self.handlers.append((start, end))
+                self.handler_ms[name] = round(max(self.handler_ms.get(name, 0.0), (end - start) * 1000), 1)
 
         return run
 
@@ -166,6 +169,8 @@ def main() -> None:
         "segment_click_to_mask_s": round(widget.timings["segment"], 1),
         "adapt_click_to_mask_s": round(widget.timings["adapt"], 1),
         "event_loop": recorder.summary(),
+        "slowest_result_handler_ms": recorder.handler_ms,
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "metrics": {
             name: {k: round(v, 4) for k, v in figures.items() if k in ("dice", "surface_dice", "hd95_mm")}
             for name, figures in rows.items()
