@@ -383,7 +383,8 @@ class ConvLoRAWidget(QWidget):
         dims = self.viewer.dims
         first = dims.ndim - layer.ndim
         dims.order = (*range(first), first + axis, first + vertical, first + horizontal)
-        self.viewer.camera.orientation2d = ("up" if up else "down", "left" if left else "right")
+        camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera  # napari >= 0.9
+        camera.orientation2d = ("up" if up else "down", "left" if left else "right")
         position = [(n - 1) / 2 for n in layer.data.shape]
         position[axis] = index
         dims.set_point(first + axis, float(layer.data_to_world(position)[axis]))
