@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     for a in actions.choices.values():
         a.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p = sub.add_parser("gui", help="open napari with the ConvLoRA Skull Strip widget docked (needs the [qt] extra)")
+    p.add_argument("--sample", action="store_true", help="load the sample as a simulated Philips 3 T scan + its mask")
+    p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
     return parser
 
 
@@ -600,6 +603,16 @@ def _print_adapters(result: dict) -> None:
         print(f"{result['name']}: exported to {result['path']}")
 
 
+def cmd_gui(args: argparse.Namespace) -> dict:
+    """Open napari with the widget; exits with napari's event loop (napari and Qt are imported only here)."""
+    try:
+        from ._napari.launch import launch
+    except ImportError as exc:
+        raise InputError(f'the GUI needs napari and Qt: pip install -e ".[qt]" ({exc})') from None
+    launch(sample=args.sample, model=args.model)
+    raise SystemExit(EXIT_OK)
+
+
 COMMANDS = {
     "segment": cmd_segment,
     "adapt": cmd_adapt,
@@ -610,6 +623,7 @@ COMMANDS = {
     "train-source": cmd_train_source,
     "benchmark": cmd_benchmark,
     "adapters": cmd_adapters,
+    "gui": cmd_gui,
 }
 
 

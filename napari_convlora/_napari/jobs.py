@@ -1,0 +1,224 @@
+"""The model work the widget runs off the GUI thread: plain generators around the core's generators.
+
+Each job is a generator that yields progress (the core's own report objects)
+and returns its result; :mod:`.workers` runs them in napari thread workers and
+the tests can also drive them directly. No Qt here.
+
+torch is imported at module level on purpose: importing it inside a worker
+thread holds the GIL for ~0.4 s and freezes the viewer (measured, see
+``scripts/bench_gui_latency.py``). Inside a job, torch's intra-op threads are
+capped so that one core stays free for the GUI thread.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import threading
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..adapt import AdaptCancelled, AdaptConfig, AdaptDone, adapt
+from ..adapters import Adapter, save_adapter
+from ..choose import choose_adapter
+from ..errors import InputError
+from ..geometry import plan
+from ..inference import Segmentation, SegmentProgress, iter_segment
+from ..library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, check_name, resolve_adapter, user_adapter_dir
+from ..metrics import evaluate
+from ..model import BaseModel, load_model
+from ..nifti import Volume
+from ..review import model_slices_around, model_slices_to_file, per_slice_surface_dice, surface_error_map
+
+SOURCE_LABEL = "none (source model)"
+AUTO_LABEL = "auto"
+
+
+def worker_threads() -> int:
+    """torch intra-op threads for a job: all cores but one (the GUI thread's), at least one."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def limit_threads() -> None:
+    torch.set_num_threads(worker_threads())
+
+
+@lru_cache(maxsize=2)
+def _cached_model(path: str, mtime_ns: int) -> BaseModel:
+    return load_model(path)
+
+
+def get_model(path: str | Path) -> BaseModel:
+    """The base model at ``path``, loaded once per file version (the core never modifies it)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such model file")
+    return _cached_model(str(path), path.stat().st_mtime_ns)
+
+
+@dataclass
+class SegmentResult:
+    segmentation: Segmentation
+    label: str  # "source" or the adapter's name: the mask layer is "mask: <label>"
+    note: str  # what was used and why, for the widget's status line
+
+
+def library_files() -> list[tuple[str, Path, bool]]:
+    """(name, file, built-in?) of every adapter in the library: built-ins first, then the user's own."""
+    out = []
+    for folder, builtin in ((BUILTIN_ADAPTERS, True), (user_adapter_dir(), False)):
+        if folder.is_dir():
+            out += [(p.name[: -len(ADAPTER_SUFFIX)], p, builtin) for p in sorted(folder.glob(f"*{ADAPTER_SUFFIX}"))]
+    return out
+
+
+def resolve_for_widget(spec: str, base: BaseModel, volume: Volume, device: str) -> tuple[Adapter | None, str, str]:
+    """The adapter for a combo-box choice, the mask label, and a note saying what was used and why."""
+    if spec == SOURCE_LABEL:
+        return None, "source", "source model (no adapter)"
+    if spec == AUTO_LABEL:
+        # the user's adapters first, so that one shadows a built-in of the same name (as in the library)
+        files = [path for _, path, builtin in sorted(library_files(), key=lambda f: f[2])]
+        choice = choose_adapter(base, volume, files, device=device)
+        return choice.adapter, choice.label, choice.reason
+    adapter = resolve_adapter(spec)
+    return adapter, adapter.name or spec, f"adapter {adapter.name or spec}"
+
+
+def segment_job(
+    model_path: str | Path, volume: Volume, spec: str, device: str, stop: threading.Event
+) -> Generator[SegmentProgress, None, SegmentResult | None]:
+    """Segment ``volume`` with the chosen adapter; yield progress; return None if stopped."""
+    limit_threads()
+    base = get_model(model_path)
+    adapter, label, note = resolve_for_widget(spec, base, volume, device)
+    result = None
+    for report in iter_segment(base, volume, adapter, device=device, should_stop=stop.is_set):
+        if isinstance(report, SegmentProgress):
+            yield report
+        else:
+            result = report
+    if result is None or stop.is_set():
+        return None
+    return SegmentResult(result, label, note)
+
+
+@dataclass
+class AdaptResult:
+    done: AdaptDone
+    path: Path  # where the adapter was saved in the library
+    axis: int  # file axis of the sagittal slices it learned from
+    file_slices: list[int] = field(default_factory=list)  # their indices along that axis
+
+
+def library_path(name: str) -> Path:
+    """Where an adapter called ``name`` is saved; refuses invalid names and names already taken."""
+    check_name(name)
+    path = user_adapter_dir() / f"{name}{ADAPTER_SUFFIX}"
+    if path.exists():
+        raise InputError(f"an adapter named {name!r} already exists ({path}); choose another name")
+    return path
+
+
+def adapt_job(
+    model_path: str | Path,
+    volume: Volume,
+    config: AdaptConfig,
+    name: str,
+    stop: threading.Event,
+    around: tuple[int, int, int] | None = None,
+) -> Generator[object, None, AdaptResult | None]:
+    """Adapt to ``volume`` (slices spread, or ``config.slices`` around voxel ``around``), save to the library.
+
+    Returns None when stopped: then nothing was written (the adapter is saved
+    atomically, and only after the last step).
+    """
+    limit_threads()
+    path = library_path(name)
+    config.check()
+    base = get_model(model_path)
+    geometry, _ = plan(volume)
+    if around is not None:
+        indices = model_slices_around(geometry, around, config.slices)
+        config = replace(config, slice_indices=indices)
+    done = None
+    for report in adapt(base, volume, config, name=name, should_stop=stop.is_set):
+        if isinstance(report, AdaptCancelled):
+            return None
+        if isinstance(report, AdaptDone):
+            done = report
+        else:
+            yield report
+    if done is None or stop.is_set():
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_adapter(done.adapter, path, overwrite=False)
+    axis, file_slices = model_slices_to_file(geometry, done.slice_indices)
+    return AdaptResult(done, path, axis, file_slices)
+
+
+@dataclass
+class MetricsResult:
+    tolerance_mm: float
+    rows: dict[str, dict[str, float]]  # mask layer name -> evaluate() figures
+    per_slice: dict[str, np.ndarray]  # mask layer name -> surface Dice per slice along axis 0
+    errors: dict[str, np.ndarray]  # mask layer name -> surface error map (only those asked for)
+
+
+def metrics_job(
+    masks: dict[str, np.ndarray],
+    gt: np.ndarray,
+    spacing: tuple[float, float, float],
+    tolerance_mm: float,
+    error_maps_for: tuple[str, ...] = (),
+    stop: threading.Event | None = None,
+) -> Generator[str, None, MetricsResult | None]:
+    """Dice, surface Dice @ tolerance, HD95, volumes and per-slice surface Dice of each mask against ``gt``."""
+    if not tolerance_mm > 0:
+        raise InputError(f"the tolerance must be positive, got {tolerance_mm}")
+    gt = np.asarray(gt) > 0
+    rows, per_slice, errors = {}, {}, {}
+    for name, mask in masks.items():
+        if stop is not None and stop.is_set():
+            return None
+        if mask.shape != gt.shape:
+            raise InputError(f"{name}: mask shape {mask.shape} differs from the ground truth's {gt.shape}")
+        mask = np.asarray(mask) > 0
+        yield name
+        rows[name] = evaluate(mask, gt, spacing, tolerance_mm)
+        per_slice[name] = per_slice_surface_dice(mask, gt, spacing, tolerance_mm, axis=0)
+        if name in error_maps_for:
+            errors[name] = surface_error_map(mask, gt, spacing, tolerance_mm)
+    return MetricsResult(float(tolerance_mm), rows, per_slice, errors)
+
+
+def metrics_csv(result: MetricsResult) -> str:
+    """The metrics table as CSV text, one row per mask."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    columns = ("dice", "surface_dice", "tolerance_mm", "hd95_mm", "volume_ml_pred", "volume_ml_gt")
+    writer.writerow(["mask", "dice", "surface_dice", "tolerance_mm", "hd95_mm", "volume_ml", "volume_ml_gt"])
+    for name, figures in result.rows.items():
+        writer.writerow([name, *(figures[c] for c in columns)])
+    return out.getvalue()
+
+
+def describe_error(exc: BaseException, device: str = "") -> str:
+    """One line for a notification: the core's message for bad input, a hint for out-of-memory."""
+    if isinstance(exc, InputError):
+        return str(exc)
+    text = str(exc)
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError":
+        where = f" on {device}" if device else ""
+        return f"out of memory{where}: close other programs or choose the cpu device, then try again"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"internal error ({type(exc).__name__}: {first}); nothing was changed"
+
+
+StopFlag = Callable[[], bool]

@@ -1,0 +1,527 @@
+"""The "ConvLoRA Skull Strip" dock widget: segment, adapt to a new scanner, compare against a ground truth.
+
+The widget gathers the choices made in :class:`.controls.Controls`, copies the
+layer data, runs jobs (:mod:`.jobs`) in napari thread workers and turns their
+reports into a progress bar, plots, a table and new layers. It never writes
+into an existing layer: every result is a new layer, added only when its job
+has finished, so a cancel or an error leaves the viewer as it was.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QEvent, QObject, Qt
+from qtpy.QtWidgets import QFileDialog, QScrollArea, QVBoxLayout, QWidget
+
+from ..adapt import AdaptConfig, EpochReport, StepReport
+from ..device import pick_device
+from ..errors import InputError
+from ..files import atomic_write, check_output_path
+from ..inference import SegmentProgress
+from ..library import check_name, default_model_path
+from ..review import upright_view
+from . import jobs
+from .controls import AROUND, NO_GT, Controls
+from .layers import MADE_BY_KEY, aligned_kwargs, check_image_volume, volume_from_layer
+from .workers import Job, start_job
+
+if TYPE_CHECKING:
+    import napari
+
+log = logging.getLogger(__name__)
+
+# napari's Labels layer imports pandas the first time one is made: ~0.4 s on the GUI thread just when the
+# first mask arrives (measured, scripts/bench_gui.py). Importing it with the widget moves that to opening time.
+importlib.import_module("pandas")
+
+CLOSE_WAIT_S = 30.0  # how long closing the viewer waits for a job to stop (it stops within one step)
+
+
+class _CloseWatcher(QObject):
+    """Stops running jobs when the window holding the widget closes (viewer closed during a run)."""
+
+    def __init__(self, widget: ConvLoRAWidget) -> None:
+        super().__init__(widget)
+        self._widget = widget
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # Qt's method name
+        if event.type() == QEvent.Type.Close:
+            self._widget.stop_all(wait_s=CLOSE_WAIT_S)
+        return False
+
+
+class ConvLoRAWidget(QWidget):
+    """Skull stripping with the source model or a ConvLoRA adapter, adaptation, and metrics."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, model_path: str | Path | None = None) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.model_path: Path | None = Path(model_path) if model_path is not None else None
+        self.jobs: dict[str, Job] = {}
+        self.timings: dict[str, float] = {}  # seconds from click to new mask layer: "segment", "adapt"
+        self.last_metrics: jobs.MetricsResult | None = None
+        self.adapter_slices: list[tuple[int, int]] = []  # (file axis, index) the last adapter learned from
+        self._progress: dict[str, progress] = {}
+        self._clicked: dict[str, float] = {}
+        self._pending_segment: tuple[str, float] | None = None  # after Adapt: (adapter file, click time)
+        self._segment_after_adapt = False
+        self._closing = False
+        self._watched = 0  # id of the window whose closing we watch (a reference would keep it alive)
+        self._watcher = _CloseWatcher(self)
+
+        self.controls = c = Controls()
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        scroll.setWidget(c)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        self.setMinimumWidth(380)
+
+        c.model_button.clicked.connect(self._choose_model)
+        c.device_combo.currentTextChanged.connect(self._show_device)
+        c.refresh_button.clicked.connect(self.refresh_adapters)
+        c.segment_button.clicked.connect(lambda: self.segment())
+        c.adapt_button.clicked.connect(self.adapt_or_cancel)
+        c.slice_list.itemDoubleClicked.connect(lambda _item: self._jump_to_chosen())
+        c.jump_button.clicked.connect(self._jump_to_chosen)
+        c.evaluate_button.clicked.connect(lambda: self.evaluate())
+        c.export_button.clicked.connect(self._choose_csv)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._refresh_layers)
+        self._refresh_layers()
+        self.refresh_adapters()
+        self._show_device()
+        self._show_model()
+
+    # ---------------------------------------------------------------- choices
+    def _refresh_layers(self, event=None) -> None:
+        layers = list(self.viewer.layers)
+        labels = [layer.name for layer in layers if isinstance(layer, Labels)]
+        self.controls.show_layers(
+            [layer.name for layer in layers if isinstance(layer, Image)],
+            labels,
+            [layer.name for layer in layers if isinstance(layer, Labels) and MADE_BY_KEY not in layer.metadata],
+        )
+
+    def refresh_adapters(self) -> None:
+        """The adapter choices: source model, auto, the built-ins, then the user's library."""
+        entries = [(jobs.SOURCE_LABEL, jobs.SOURCE_LABEL), (jobs.AUTO_LABEL, jobs.AUTO_LABEL)]
+        entries += [(f"{n} (built-in)" if builtin else n, str(p)) for n, p, builtin in jobs.library_files()]
+        self.controls.show_adapters(entries)
+
+    def _show_device(self, *_: object) -> None:
+        choice = self.controls.device_combo.currentText()
+        try:
+            device = pick_device(choice)
+        except InputError as exc:
+            self.controls.device_note.setText(str(exc))
+            return
+        if choice == "auto" and device.type == "cpu":
+            self.controls.device_note.setText("auto: no CUDA or MPS GPU found, running on the CPU (slower)")
+        else:
+            self.controls.device_note.setText(f"running on {device.type}")
+
+    def _show_model(self) -> None:
+        label = self.controls.model_label
+        try:
+            path = self._model()
+        except InputError as exc:
+            label.setText(str(exc))
+            return
+        label.setText(path.name if self.model_path is not None else "shipped source model")
+        label.setToolTip(str(path))
+
+    def _choose_model(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Base model weights", "", "safetensors (*.safetensors)")
+        if path:
+            self.model_path = Path(path)
+            self._show_model()
+
+    def _model(self) -> Path:
+        return self.model_path if self.model_path is not None else default_model_path()
+
+    def _image_layer(self) -> Image:
+        name = self.controls.image_combo.currentText()
+        if not name or name not in self.viewer.layers:
+            raise InputError("no MRI image chosen: open a NIfTI volume (or File > Open Sample) first")
+        layer = self.viewer.layers[name]
+        if not isinstance(layer, Image):
+            raise InputError(f"layer {name!r} is a {type(layer).__name__} layer; an Image layer is needed")
+        if layer.rgb or layer.multiscale:
+            raise InputError(f"layer {name!r} is RGB or multiscale; a single grey-level 3D volume is needed")
+        return layer
+
+    def _image_volume(self, layer: Image):
+        volume = check_image_volume(volume_from_layer(layer), layer.name)
+        volume.data = np.array(volume.data)  # a copy: the user may edit the layer while the job runs
+        return volume
+
+    def _gt_layer(self) -> Labels | None:
+        name = self.controls.gt_combo.currentText()
+        if not name or name == NO_GT or name not in self.viewer.layers:
+            return None
+        layer = self.viewer.layers[name]
+        if not isinstance(layer, Labels):
+            raise InputError(f"layer {name!r} is a {type(layer).__name__} layer; the ground truth must be Labels")
+        return layer
+
+    def _busy(self) -> bool:
+        if "segment" in self.jobs or "adapt" in self.jobs:
+            show_warning("napari-convlora: a job is already running")
+            return True
+        return False
+
+    def _show_running(self) -> None:
+        self.controls.show_running("segment" in self.jobs or "adapt" in self.jobs, "adapt" in self.jobs)
+
+    # ---------------------------------------------------------------- segment
+    def segment(self, spec: str | None = None) -> None:
+        """Segment the chosen image with the chosen adapter (or ``spec``) into a new Labels layer."""
+        if self._busy():
+            return
+        c = self.controls
+        try:
+            layer = self._image_layer()
+            volume = self._image_volume(layer)
+            model = self._model()
+        except InputError as exc:
+            self._notify_error(exc)
+            return
+        spec = spec or c.adapter_combo.currentData()
+        target = {"kwargs": aligned_kwargs(layer), "image": layer.name}
+        device = c.device_combo.currentText()
+        self._clicked.setdefault("segment", time.perf_counter())
+        c.status.setText(f"segmenting {layer.name}...")
+        self.jobs["segment"] = start_job(
+            "segment",
+            jobs.segment_job,
+            model,
+            volume,
+            spec,
+            device,
+            on_yield=self._on_segment_progress,
+            on_return=lambda r: self._on_segmented(r, target),
+            on_error=lambda e: self._on_error("segment", e, device),
+            on_finish=lambda: self._on_finished("segment"),
+        )
+        self._show_running()
+
+    def _on_segment_progress(self, report: SegmentProgress) -> None:
+        if self._closing:  # the viewer is closing: its widgets may be gone
+            return
+        bar = self._bar("segment", report.total, "ConvLoRA: segmenting")
+        bar.update(report.done - bar.n)
+        eta = report.elapsed_s / max(report.done, 1) * (report.total - report.done)
+        self.controls.status.setText(f"segmenting: {report.done}/{report.total} slices, about {eta:.0f} s left")
+
+    def _on_segmented(self, result: jobs.SegmentResult | None, target: dict) -> None:
+        if self._closing:
+            return
+        c = self.controls
+        after_adapt, self._segment_after_adapt = self._segment_after_adapt, False
+        if result is None:
+            c.status.setText("segmentation stopped; nothing was added")
+            return
+        seg = result.segmentation
+        kwargs = dict(target["kwargs"])
+        made = {"image": target["image"], "adapter": result.label, "seconds": round(seg.seconds, 2)}
+        kwargs["metadata"] = {**kwargs["metadata"], MADE_BY_KEY: made}
+        layer = self.viewer.add_labels(seg.mask, name=f"mask: {result.label}", opacity=0.45, **kwargs)
+        elapsed = time.perf_counter() - self._clicked.pop("segment", time.perf_counter())
+        self.timings["adapt" if after_adapt else "segment"] = elapsed
+        clicked = "Adapt" if after_adapt else "Segment"
+        c.status.setText(f"{layer.name}: {seg.volume_ml:.0f} ml, {elapsed:.1f} s from {clicked} click; {result.note}")
+        if after_adapt:
+            c.adapt_status.setText(c.adapt_status.text().replace("segmenting with it...", f"added {layer.name}"))
+        if result.note.startswith("auto"):
+            show_info(f"napari-convlora: {result.note}")
+        if self._gt_layer() is not None:
+            self.evaluate(errors_for=(layer.name,) if c.errors_check.isChecked() else ())
+        elif c.errors_check.isChecked():
+            show_warning("napari-convlora: no ground truth chosen, so no surface errors layer was made")
+
+    # ---------------------------------------------------------------- adapt
+    def adapt_or_cancel(self) -> None:
+        """The Adapt button: start adapting, or cancel the running adaptation."""
+        if "adapt" in self.jobs:
+            self.jobs["adapt"].cancel()
+            self.controls.show_cancelling()
+            return
+        self.adapt()
+
+    def adapt(self) -> None:
+        """Train an adapter on unlabeled slices of the chosen image; save it, select it, segment with it."""
+        if self._busy():
+            return
+        c = self.controls
+        try:
+            layer = self._image_layer()
+            volume = self._image_volume(layer)
+            name = c.name_edit.text().strip() or _default_name(layer.name)
+            check_name(name)
+            jobs.library_path(name)  # refuse a taken name now, not after training
+            model = self._model()
+        except InputError as exc:
+            self._notify_error(exc)
+            return
+        around = None
+        if c.slice_mode.currentText() == AROUND:
+            index = np.round(layer.world_to_data(self.viewer.dims.point[-layer.ndim :])).astype(int)
+            around = tuple(int(np.clip(i, 0, n - 1)) for i, n in zip(index, volume.data.shape, strict=True))
+        config = AdaptConfig(
+            slices=c.slices_spin.value(),
+            epochs=c.epochs_spin.value(),
+            lr=float(c.lr_spin.value()),
+            device=c.device_combo.currentText(),
+        )
+        c.name_edit.setText(name)
+        c.train_plot.clear()
+        self._clicked["adapt"] = time.perf_counter()
+        c.adapt_status.setText(f"adapting to {layer.name}: choosing slices...")
+        self.jobs["adapt"] = start_job(
+            "adapt",
+            jobs.adapt_job,
+            model,
+            volume,
+            config,
+            name,
+            around=around,
+            on_yield=self._on_adapt_progress,
+            on_return=lambda r: self._on_adapted(r, layer.name),
+            on_error=lambda e: self._on_error("adapt", e, config.device),
+            on_finish=lambda: self._on_finished("adapt"),
+        )
+        self._show_running()
+
+    def _on_adapt_progress(self, report: object) -> None:
+        if self._closing:
+            return
+        c = self.controls
+        if isinstance(report, StepReport):
+            bar = self._bar("adapt", report.total_steps, "ConvLoRA: adapting")
+            bar.update(report.step - bar.n)
+            c.train_plot.add_point("loss", report.step, report.loss)
+            c.adapt_status.setText(
+                f"epoch {report.epoch}/{report.epochs}, step {report.step}/{report.total_steps}, "
+                f"loss {report.loss:.3f}, about {report.eta_s:.0f} s left"
+            )
+        elif isinstance(report, EpochReport):
+            step = self._progress["adapt"].n if "adapt" in self._progress else report.epoch
+            c.train_plot.add_point("agreement", step, report.agreement)
+
+    def _on_adapted(self, result: jobs.AdaptResult | None, image_name: str) -> None:
+        if self._closing:
+            return
+        c = self.controls
+        if result is None:
+            c.adapt_status.setText("adaptation cancelled: nothing was saved or added")
+            return
+        done = result.done
+        c.adapt_status.setText(
+            f"saved {result.path.name} to the library ({done.adapter.trainable_parameters:,} trainable "
+            f"parameters, best epoch {done.best_epoch}, {done.seconds:.1f} s); segmenting with it..."
+        )
+        self.refresh_adapters()
+        c.select_adapter(str(result.path))
+        self._mark_slices(result, image_name)
+        # segment with the new adapter once the adapt worker has finished (see _on_finished)
+        self._pending_segment = (str(result.path), self._clicked.pop("adapt", time.perf_counter()))
+
+    def _mark_slices(self, result: jobs.AdaptResult, image_name: str) -> None:
+        """List the slices the adapter learned from, and frame each of them with a rectangle over the image."""
+        self.adapter_slices = [(result.axis, i) for i in result.file_slices]
+        self.controls.show_slices(self.adapter_slices)
+        if image_name not in self.viewer.layers:
+            return
+        image = self.viewer.layers[image_name]
+        shape = image.data.shape
+        a, b = (d for d in range(3) if d != result.axis)
+        frames = []
+        for axis, index in self.adapter_slices:
+            corners = []
+            for u, v in ((0, 0), (shape[a] - 1, 0), (shape[a] - 1, shape[b] - 1), (0, shape[b] - 1)):
+                corner = [0.0, 0.0, 0.0]
+                corner[axis], corner[a], corner[b] = index, u, v
+                corners.append(corner)
+            frames.append(np.asarray(corners, dtype=float))
+        kwargs = aligned_kwargs(image)
+        kwargs["metadata"] = {**kwargs["metadata"], MADE_BY_KEY: {"adapter_slices": result.done.adapter.name}}
+        self.viewer.add_shapes(
+            frames,
+            shape_type="rectangle",
+            name=f"adapter slices: {result.done.adapter.name}",
+            edge_color="yellow",
+            face_color="transparent",
+            edge_width=max(shape) / 100,
+            **kwargs,
+        )
+
+    def _jump_to_chosen(self) -> None:
+        chosen = self.controls.chosen_slice()
+        if chosen is not None:
+            self.jump_to_slice(*chosen)
+
+    def jump_to_slice(self, axis: int, index: int) -> None:
+        """Show slice ``index`` across file axis ``axis`` of the chosen image, upright (superior up)."""
+        try:
+            layer = self._image_layer()
+        except InputError as exc:
+            self._notify_error(exc)
+            return
+        vertical, horizontal, up, left = upright_view(volume_from_layer(layer).affine, axis)
+        dims = self.viewer.dims
+        first = dims.ndim - layer.ndim
+        dims.order = (*range(first), first + axis, first + vertical, first + horizontal)
+        camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera  # napari >= 0.9
+        camera.orientation2d = ("up" if up else "down", "left" if left else "right")
+        position = [(n - 1) / 2 for n in layer.data.shape]
+        position[axis] = index
+        dims.set_point(first + axis, float(layer.data_to_world(position)[axis]))
+
+    # ---------------------------------------------------------------- metrics
+    def evaluate(self, errors_for: tuple[str, ...] = ()) -> None:
+        """Score every mask this widget made on the ground truth's grid against it."""
+        if "metrics" in self.jobs:
+            show_warning("napari-convlora: metrics are already being computed")
+            return
+        try:
+            gt = self._gt_layer()
+            if gt is None:
+                raise InputError("no ground truth chosen: pick a Labels layer (e.g. the sample's consensus mask)")
+            gt_data = np.array(gt.data)
+            if gt_data.ndim != 3:
+                raise InputError(f"layer {gt.name!r}: the ground truth must be 3D, it is {gt_data.ndim}D")
+            masks = {
+                layer.name: np.array(layer.data)
+                for layer in self.viewer.layers
+                if isinstance(layer, Labels)
+                and "adapter" in layer.metadata.get(MADE_BY_KEY, {})
+                and layer.data.shape == gt_data.shape
+            }
+            if not masks:
+                raise InputError(f"no mask on the grid of {gt.name!r} yet: click Segment first")
+            spacing = tuple(float(s) for s in volume_from_layer(gt).spacing)
+        except InputError as exc:
+            self._notify_error(exc)
+            return
+        kwargs = aligned_kwargs(gt)
+        self.controls.evaluate_button.setEnabled(False)
+        self.jobs["metrics"] = start_job(
+            "metrics",
+            jobs.metrics_job,
+            masks,
+            gt_data,
+            spacing,
+            float(self.controls.tau_spin.value()),
+            tuple(errors_for),
+            on_return=lambda r: self._on_metrics(r, gt.name, kwargs),
+            on_error=lambda e: self._on_error("metrics", e),
+            on_finish=lambda: self._on_finished("metrics"),
+        )
+
+    def _on_metrics(self, result: jobs.MetricsResult | None, gt_name: str, kwargs: dict) -> None:
+        if self._closing or result is None:
+            return
+        self.last_metrics = result
+        self.controls.show_metrics(result, gt_name)
+        for name, error_map in result.errors.items():
+            made = {"surface_errors_of": name, "tolerance_mm": result.tolerance_mm}
+            meta = {**kwargs["metadata"], MADE_BY_KEY: made}
+            self.viewer.add_labels(error_map, name=f"surface errors: {name}", **{**kwargs, "metadata": meta})
+
+    def export_csv(self, path: str | Path) -> Path | None:
+        """Write the metrics table to ``path`` (atomically; replaces the file, as the save dialog confirmed)."""
+        try:
+            if self.last_metrics is None:
+                raise InputError("no metrics yet: choose a ground truth and click Evaluate")
+            text = jobs.metrics_csv(self.last_metrics)
+            path = check_output_path(path, overwrite=True, suffixes=(".csv",))
+            atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite=True)
+        except InputError as exc:
+            self._notify_error(exc)
+            return None
+        show_info(f"napari-convlora: metrics written to {path}")
+        return path
+
+    def _choose_csv(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export metrics", "convlora_metrics.csv", "CSV (*.csv)")
+        if path:
+            self.export_csv(path if path.lower().endswith(".csv") else f"{path}.csv")
+
+    # ---------------------------------------------------------------- job plumbing
+    def _bar(self, kind: str, total: int, description: str) -> progress:
+        if kind not in self._progress:
+            self._progress[kind] = progress(total=total, desc=description)
+        return self._progress[kind]
+
+    def _on_error(self, kind: str, exc: BaseException, device: str = "") -> None:
+        if not isinstance(exc, InputError):
+            log.error("napari-convlora %s failed", kind, exc_info=exc)
+        if self._closing:
+            return
+        self._clicked.pop(kind, None)
+        message = jobs.describe_error(exc, device)
+        c = self.controls
+        (c.adapt_status if kind == "adapt" else c.status).setText(f"failed: {message}")
+        show_error(f"napari-convlora: {message}")
+
+    def _on_finished(self, kind: str) -> None:
+        self.jobs.pop(kind, None)
+        if self._closing:
+            return
+        bar = self._progress.pop(kind, None)
+        if bar is not None:
+            bar.close()
+        if kind == "metrics":
+            self.controls.evaluate_button.setEnabled(True)
+        self._show_running()
+        if kind == "adapt" and self._pending_segment is not None:
+            spec, clicked = self._pending_segment
+            self._pending_segment = None
+            self._clicked["segment"] = clicked  # click-to-mask of Adapt counts from the Adapt click
+            self._segment_after_adapt = True
+            self.segment(spec)
+            if "segment" not in self.jobs:
+                self._segment_after_adapt = False
+
+    def _notify_error(self, exc: BaseException) -> None:
+        self._clicked.pop("segment", None)
+        show_error(f"napari-convlora: {jobs.describe_error(exc)}")
+
+    def stop_all(self, wait_s: float = 0.0) -> None:
+        """Ask every running job to stop; with ``wait_s`` (the viewer is closing) wait for them and let go."""
+        for job in list(self.jobs.values()):
+            job.cancel()
+        if wait_s <= 0:
+            return
+        self._closing = True
+        for job in list(self.jobs.values()):
+            if not job.wait(wait_s):
+                log.warning("napari-convlora: a %s job did not stop within %.0f s", job.kind, wait_s)
+        for bar in self._progress.values():
+            bar.close()
+        self._progress.clear()
+
+    def showEvent(self, event) -> None:  # Qt's method name
+        window = self.window()
+        if window is not self and id(window) != self._watched:
+            window.installEventFilter(self._watcher)
+            self._watched = id(window)
+        super().showEvent(event)
+
+
+def _default_name(layer_name: str) -> str:
+    """A valid adapter name from a layer name (letters, digits, '.', '_', '-')."""
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in layer_name).strip("-.") or "adapter"
+    return cleaned[:64]

@@ -1,0 +1,185 @@
+"""GUI responsiveness and click-to-mask times of the napari widget, in a real napari window.
+
+Usage (needs a display; on a headless machine run it under Xvfb):
+    xvfb-run -a python scripts/bench_gui.py [--threads N] [--model WEIGHTS] [--screenshots docs/]
+
+Opens napari with the widget docked and the sample as a simulated Philips 3 T
+scan with its reference mask (File > Open Sample), then, as a user would, clicks
+Segment (source model), waits for the mask, clicks Adapt (10 slices, 5 epochs,
+the defaults) and waits for the adapted mask. All the while a QTimer fires every
+10 ms on the GUI thread and records how late each tick is: the worst delay is
+how long the viewer was frozen. ``--threads`` overrides the worker's cap on
+torch intra-op threads (default: all cores but one) to show what the cap buys.
+Prints one JSON object. With ``--screenshots`` also saves the window after each
+stage (PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch  # imported up front, as the widget's job module does
+from qtpy.QtCore import QEventLoop, QTimer
+from qtpy.QtWidgets import QApplication
+
+from napari_convlora._napari import jobs
+from napari_convlora._napari.launch import open_viewer
+
+TICK_MS = 10
+
+
+class TickRecorder:
+    """How late each tick of a 10 ms QTimer on the GUI thread is, and what was going on meanwhile.
+
+    A late tick is charged to "napari adds the result layers" when the gap overlaps one of the
+    widget's result handlers (they run on the GUI thread and create layers), else to what the
+    widget was doing when the gap began: adaptation training, segmentation or metrics in a
+    worker thread, or nothing.
+    """
+
+    def __init__(self, widget) -> None:
+        self.widget = widget
+        self.gaps: list[tuple[float, float, str]] = []  # (start, end, state at start)
+        self.handlers: list[tuple[float, float]] = []
+        self.handler_ms: dict[str, float] = {}  # slowest run of each result handler
+        self._last = time.perf_counter()
+        self._state = self.state()
+        self.timer = QTimer()
+        self.timer.setInterval(TICK_MS)
+        self.timer.timeout.connect(self._tick)
+        for name in ("_on_segmented", "_on_adapted", "_on_metrics", "_on_finished"):
+            setattr(widget, name, self._timed(getattr(widget, name), name))
+
+    def _timed(self, handler, name: str):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return handler(*args, **kwargs)
+            finally:
+                end = time.perf_counter()
+                self.handlers.append((start, end))
+                self.handler_ms[name] = round(max(self.handler_ms.get(name, 0.0), (end - start) * 1000), 1)
+
+        return run
+
+    def state(self) -> str:
+        jobs_running = self.widget.jobs
+        if "adapt" in jobs_running:
+            return "adaptation training (worker)"
+        if "segment" in jobs_running:
+            return "segmentation (worker)"
+        if "metrics" in jobs_running:
+            return "metrics (worker)"
+        return "idle"
+
+    def start(self) -> None:
+        self._last = time.perf_counter()
+        self.timer.start()
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.gaps.append((self._last, now, self._state))
+        self._last, self._state = now, self.state()
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        groups: dict[str, list[float]] = {}
+        for start, end, state in self.gaps:
+            in_handler = any(h0 < end and h1 > start for h0, h1 in self.handlers)
+            key = "napari adds the result layers (GUI thread)" if in_handler else state
+            groups.setdefault(key, []).append((end - start) * 1000 - TICK_MS)
+        out = {}
+        for key, delays in groups.items():
+            d = sorted(delays)
+            out[key] = {
+                "ticks": len(d),
+                "worst_delay_ms": round(d[-1], 1),
+                "p99_delay_ms": round(d[min(len(d) - 1, int(0.99 * len(d)))], 1),
+                "median_delay_ms": round(statistics.median(d), 1),
+            }
+        return out
+
+
+def wait_until(condition, timeout_s: float) -> None:
+    """Run the Qt event loop (as napari.run would) until ``condition()`` holds."""
+    app = QApplication.instance()
+    deadline = time.perf_counter() + timeout_s
+    while not condition():
+        if time.perf_counter() > deadline:
+            raise TimeoutError("the widget did not finish in time")
+        app.processEvents(QEventLoop.ProcessEventsFlag.AllEvents, 20)
+
+
+def settle(seconds: float) -> None:
+    wait_until(lambda end=time.perf_counter() + seconds: time.perf_counter() > end, seconds + 5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, help="torch intra-op threads in the worker (default: cores - 1)")
+    parser.add_argument("--model", type=Path, help="base model (default: the shipped source model)")
+    parser.add_argument("--screenshots", type=Path, help="folder for PNG screenshots of the window")
+    parser.add_argument("--timeout", type=float, default=900.0)
+    args = parser.parse_args()
+    os.environ.setdefault("CONVLORA_HOME", tempfile.mkdtemp(prefix="convlora-bench-"))
+    if args.threads is not None:
+        jobs.worker_threads = lambda: args.threads
+
+    viewer, widget = open_viewer(sample=True, model=args.model)
+    viewer.window._qt_window.resize(1500, 1000)
+    widget.controls.errors_check.setChecked(True)
+    widget.controls.name_edit.setText("philips-3t-sim")
+    recorder = TickRecorder(widget)
+    settle(2.0)
+    recorder.start()
+
+    def shot(name: str) -> None:
+        if args.screenshots is not None:
+            args.screenshots.mkdir(parents=True, exist_ok=True)
+            viewer.screenshot(str(args.screenshots / name), canvas_only=False)
+
+    widget.controls.segment_button.click()
+    wait_until(lambda: not widget.jobs, args.timeout)
+    shot("gui_segment.png")
+
+    widget.controls.adapt_button.click()
+    wait_until(lambda: "adapt" in widget.jobs and "loss" in widget.controls.train_plot.series, args.timeout)
+    shot("gui_adapting.png")
+    wait_until(lambda: not widget.jobs and "adapt" in widget.timings, args.timeout)
+    wait_until(lambda: widget.last_metrics is not None and len(widget.last_metrics.rows) >= 2, args.timeout)
+    settle(1.0)
+    if widget.adapter_slices:
+        widget.jump_to_slice(*widget.adapter_slices[len(widget.adapter_slices) // 2])
+    settle(1.0)
+    shot("gui_adapted.png")
+    if args.screenshots is not None:  # the whole form, metrics included, beyond the dock's scroll area
+        widget.controls.grab().save(str(args.screenshots / "gui_widget.png"))
+
+    rows = widget.last_metrics.rows if widget.last_metrics is not None else {}
+    result = {
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "device": widget.controls.device_note.text(),
+        "worker_torch_threads": jobs.worker_threads(),
+        "image": widget.controls.image_combo.currentText(),
+        "segment_click_to_mask_s": round(widget.timings["segment"], 1),
+        "adapt_click_to_mask_s": round(widget.timings["adapt"], 1),
+        "event_loop": recorder.summary(),
+        "slowest_result_handler_ms": recorder.handler_ms,
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "metrics": {
+            name: {k: round(v, 4) for k, v in figures.items() if k in ("dice", "surface_dice", "hd95_mm")}
+            for name, figures in rows.items()
+        },
+    }
+    print(json.dumps(result, indent=1))
+    recorder.timer.stop()
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()

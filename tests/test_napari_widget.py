@@ -1,0 +1,244 @@
+"""The widget driven as a user would, in a real napari viewer (pytest-qt, Xvfb), through real thread workers.
+
+Models are tiny (width 4, random weights) and the head is the sample at 4 mm,
+so each run takes seconds; what is checked is the mechanics: layers appear
+with the right grid, adapters are saved and chosen, Cancel leaves nothing
+behind, metrics match the core's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari.layers import Labels
+
+from napari_convlora._napari import jobs
+from napari_convlora._napari.controls import AROUND
+from napari_convlora._napari.layers import MADE_BY_KEY
+from napari_convlora._napari.widget import ConvLoRAWidget
+from napari_convlora.adapters import load_adapter
+from napari_convlora.metrics import evaluate
+from napari_convlora.model import load_model
+from napari_convlora.nifti import load_mask, load_volume
+
+TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    monkeypatch.setenv("CONVLORA_HOME", str(tmp_path / "home"))
+    torch.set_num_threads(1)
+    monkeypatch.setattr(jobs, "worker_threads", lambda: 1)
+
+
+@pytest.fixture
+def viewer_widget(make_napari_viewer_proxy, qtbot, model_file, small_path, small_mask_path):
+    viewer = make_napari_viewer_proxy()
+    viewer.open(str(small_path), plugin="napari-convlora")
+    viewer.open(str(small_mask_path), plugin="napari-convlora")
+    widget = ConvLoRAWidget(viewer, model_path=model_file)
+    viewer.window.add_dock_widget(widget, name="ConvLoRA Skull Strip")
+    return viewer, widget
+
+
+def _wait_idle(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.jobs, timeout=TIMEOUT_MS)
+
+
+def test_segment_sample_with_ground_truth(viewer_widget, qtbot, small_path, small_mask_path, model_file):
+    viewer, widget = viewer_widget
+    assert widget.controls.image_combo.currentText() == "head4mm"
+    assert widget.controls.gt_combo.currentText() == "mask4mm"  # the opened reference mask is offered as ground truth
+    assert widget.controls.adapter_combo.currentText() == jobs.SOURCE_LABEL
+    assert "CPU" in widget.controls.device_note.text() or "cpu" in widget.controls.device_note.text()
+    widget.controls.errors_check.setChecked(True)
+    widget.controls.segment_button.click()
+    assert widget.controls.segment_button.isEnabled() is False  # a real worker is running
+    _wait_idle(qtbot, widget)
+    mask_layer = viewer.layers["mask: source"]
+    image = viewer.layers["head4mm"]
+    assert mask_layer.data.shape == image.data.shape and mask_layer.data.dtype == np.uint8
+    np.testing.assert_array_equal(mask_layer.scale, image.scale)
+    np.testing.assert_array_equal(mask_layer.translate, image.translate)
+    np.testing.assert_array_equal(mask_layer.metadata["nifti_affine"], load_volume(small_path).affine)
+    assert mask_layer.metadata[MADE_BY_KEY]["adapter"] == "source"
+    # the core's own segmentation of the same file gives the same mask
+    from napari_convlora.inference import segment
+
+    expected = segment(load_model(model_file), load_volume(small_path), device="cpu").mask
+    np.testing.assert_array_equal(mask_layer.data, expected)
+    # metrics (started automatically with a ground truth) equal the core's figures
+    assert widget.last_metrics is not None
+    gt = load_mask(small_mask_path)
+    figures = evaluate(expected, gt.data, gt.spacing, 1.0)
+    row = widget.last_metrics.rows["mask: source"]
+    assert row["dice"] == pytest.approx(figures["dice"]) and row["surface_dice"] == pytest.approx(
+        figures["surface_dice"]
+    )
+    assert (
+        widget.controls.table.columnCount() == 2 and widget.controls.table.item(0, 0).text() == f"{figures['dice']:.3f}"
+    )
+    errors = viewer.layers["surface errors: mask: source"]
+    assert set(np.unique(errors.data)) <= {0, 1, 2} and errors.data.any()
+    assert "from Segment click" in widget.controls.status.text() and widget.timings["segment"] > 0
+    # a second Segment makes a new layer, never touching the first (which the user may have edited)
+    mask_layer.data[0, 0, 0] = 7
+    widget.controls.segment_button.click()
+    _wait_idle(qtbot, widget)
+    assert mask_layer.data[0, 0, 0] == 7
+    second = [layer.name for layer in viewer.layers if layer.name.startswith("mask: source [")]
+    assert len(second) == 1
+    # both masks are scored side by side; the surface errors layers are never taken for masks
+    assert set(widget.last_metrics.rows) == {"mask: source", second[0]}
+
+
+def test_adapt_saves_selects_and_segments(viewer_widget, qtbot, tmp_path, model_file):
+    viewer, widget = viewer_widget
+    widget.controls.slices_spin.setValue(2)
+    widget.controls.epochs_spin.setValue(1)
+    widget.controls.name_edit.setText("scanner-b")
+    before = load_model(model_file).model_id
+    widget.controls.adapt_button.click()
+    assert widget.controls.adapt_button.text() == "Cancel"
+    _wait_idle(qtbot, widget)
+    path = tmp_path / "home" / "adapters" / "scanner-b.safetensors"
+    assert path.is_file()
+    adapter = load_adapter(path)
+    assert adapter.name == "scanner-b" and adapter.metadata["epochs"] == 1 and len(adapter.metadata["slices"]) == 2
+    assert adapter.base_model_id == before == load_model(model_file).model_id
+    assert widget.controls.adapter_combo.currentText() == "scanner-b"
+    assert "mask: scanner-b" in viewer.layers
+    assert viewer.layers["mask: scanner-b"].data.shape == viewer.layers["head4mm"].data.shape
+    assert widget.timings["adapt"] > 0 and widget.controls.adapt_button.text() == "Adapt"
+    assert widget.controls.train_plot.series["loss"] and widget.controls.train_plot.series["agreement"]
+    assert widget.controls.slice_list.count() == 2
+    frames = viewer.layers["adapter slices: scanner-b"]  # a rectangle framing each learned slice
+    assert len(frames.data) == 2
+    for frame, (axis, index) in zip(frames.data, widget.adapter_slices, strict=True):
+        np.testing.assert_array_equal(frame[:, axis], index)
+    axis, index = widget.adapter_slices[0]
+    widget.jump_to_slice(axis, index)
+    assert viewer.dims.order[0] == axis and viewer.dims.current_step[axis] == index
+    # source and adapted side by side in the metrics table
+    qtbot.waitUntil(lambda: widget.last_metrics is not None and len(widget.last_metrics.rows) == 1, timeout=TIMEOUT_MS)
+    widget.controls.evaluate_button.click()
+    _wait_idle(qtbot, widget)
+    assert set(widget.last_metrics.rows) == {"mask: scanner-b"}
+    # "auto" ranks the source model and the library's adapter by early/final agreement and says why
+    widget.controls.adapter_combo.setCurrentText(jobs.AUTO_LABEL)
+    widget.controls.segment_button.click()
+    _wait_idle(qtbot, widget)
+    assert "auto chose" in widget.controls.status.text() and "scanner-b" in widget.controls.status.text()
+    csv_path = widget.export_csv(tmp_path / "metrics.csv")
+    assert csv_path.read_text().splitlines()[0].startswith("mask,dice,surface_dice")
+    # the same name again is refused up front, with the file left as it was
+    stamp = path.stat().st_mtime_ns
+    widget.controls.adapt_button.click()
+    assert not widget.jobs and path.stat().st_mtime_ns == stamp
+
+
+def test_cancel_leaves_everything_as_before(viewer_widget, qtbot, tmp_path, model_file):
+    viewer, widget = viewer_widget
+    widget.controls.epochs_spin.setValue(100)
+    widget.controls.slices_spin.setValue(4)
+    widget.controls.slice_mode.setCurrentText(AROUND)
+    widget.controls.name_edit.setText("never-saved")
+    layers_before = [layer.name for layer in viewer.layers]
+    widget.controls.adapt_button.click()
+    qtbot.waitUntil(lambda: len(widget.controls.train_plot.series.get("loss", [])) >= 2, timeout=TIMEOUT_MS)
+    widget.controls.adapt_button.click()  # Cancel
+    assert widget.controls.adapt_button.text() == "Cancelling..."
+    _wait_idle(qtbot, widget)
+    assert len(widget.controls.train_plot.series["loss"]) < 100  # stopped long before the end
+    assert not (tmp_path / "home" / "adapters").exists() or not any((tmp_path / "home" / "adapters").iterdir())
+    assert [layer.name for layer in viewer.layers] == layers_before
+    assert "cancelled" in widget.controls.adapt_status.text() and widget.controls.adapt_button.text() == "Adapt"
+    assert jobs.get_model(model_file).model_id == load_model(model_file).model_id
+
+
+def test_errors_become_notifications(viewer_widget, qtbot, tmp_path, monkeypatch):
+    viewer, widget = viewer_widget
+    messages = []
+    monkeypatch.setattr("napari_convlora._napari.widget.show_error", messages.append)
+    widget.controls.name_edit.setText("bad name!")
+    widget.controls.adapt_button.click()
+    assert "invalid adapter name" in messages[-1] and not widget.jobs
+    widget.controls.gt_combo.setCurrentText("(none)")
+    widget.controls.evaluate_button.click()
+    assert "no ground truth" in messages[-1]
+    # an adapter made for another base model is refused with a clear message
+    other = tmp_path / "other.safetensors"
+    from napari_convlora.adapt import AdaptConfig, run_adaptation
+
+    from .conftest import make_model
+
+    done = run_adaptation(
+        make_model(seed=1),
+        load_volume(widget.viewer.layers["head4mm"].metadata["nifti_path"]),
+        AdaptConfig(slices=1, epochs=1, device="cpu"),
+        name="other",
+    )
+    from napari_convlora.adapters import save_adapter
+
+    save_adapter(done.adapter, other)
+    n_layers = len(viewer.layers)
+    widget.segment(str(other))
+    _wait_idle(qtbot, widget)
+    assert "adapter made for base model" in messages[-1]
+    assert len(viewer.layers) == n_layers
+    widget.controls.device_combo.setCurrentText("cuda")
+    if not torch.cuda.is_available():
+        widget.controls.segment_button.click()
+        _wait_idle(qtbot, widget)
+        assert "no CUDA GPU" in messages[-1]
+    widget.controls.image_combo.clear()
+    widget.controls.segment_button.click()
+    assert "no MRI image" in messages[-1]
+
+
+def test_closing_the_viewer_stops_a_run(make_napari_viewer, qtbot, model_file, small_path, tmp_path):
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(small_path), plugin="napari-convlora")
+    widget = ConvLoRAWidget(viewer, model_path=model_file)
+    viewer.window.add_dock_widget(widget)
+    widget.controls.epochs_spin.setValue(100)
+    widget.controls.name_edit.setText("closed")
+    widget.controls.adapt_button.click()
+    job = widget.jobs["adapt"]
+    qtbot.waitUntil(lambda: len(widget.controls.train_plot.series.get("loss", [])) >= 1, timeout=TIMEOUT_MS)
+    viewer.close()
+    assert job.finished.is_set() and job.stop.is_set()
+    assert not (tmp_path / "home" / "adapters" / "closed.safetensors").exists()
+    qtbot.waitUntil(lambda: not job.worker.is_running, timeout=TIMEOUT_MS)
+
+
+def test_plugin_menu_widget_and_gui_launcher(make_napari_viewer_proxy, qtbot, model_file):
+    viewer = make_napari_viewer_proxy()
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-convlora", "ConvLoRA Skull Strip")  # napari -w
+    assert isinstance(widget, ConvLoRAWidget)
+    viewer.open_sample("napari-convlora", "colin27-t1")
+    viewer.open_sample("napari-convlora", "colin27-mask")
+    assert widget.controls.image_combo.currentText() == "colin27_t1"
+    assert widget.controls.gt_combo.currentText() == "colin27_mask_consensus"
+    assert isinstance(viewer.layers["colin27_mask_consensus"], Labels)
+    from napari_convlora.cli import build_parser
+
+    args = build_parser().parse_args(["gui", "--sample", "--model", str(model_file)])
+    assert args.command == "gui" and args.sample and args.model == model_file
+
+
+def test_gui_launcher_opens_the_widget_with_the_sample(qtbot, model_file):
+    from napari_convlora._napari.launch import open_viewer
+
+    viewer, widget = open_viewer(sample=True, model=model_file, show=False)
+    try:
+        assert widget.controls.image_combo.currentText() == "colin27_t1_philips-3t"
+        assert widget.controls.gt_combo.currentText() == "colin27_mask_philips-3t"
+        assert widget.model_path == model_file
+    finally:
+        viewer.close()
