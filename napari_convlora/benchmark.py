@@ -95,8 +95,8 @@ def central_slab(volume: Volume, mask: Volume, width_mm: float) -> tuple[Volume,
     )
 
 
-def _with_unet(base: BaseModel, unet: UNet2D) -> BaseModel:
-    model = base.copy()
+def _with_unet(model: BaseModel, unet: UNet2D) -> BaseModel:
+    """``model`` (a copy the caller owns) with ``unet`` in eval mode as its U-Net."""
     model.unet = unet.eval()
     return model
 
@@ -138,7 +138,7 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
     if method in ("convlora", "convlora+adabn"):
         done = run_adaptation(base, volume, replace(config, adabn=method == "convlora+adabn"), name=method)
         return Adapted(
-            _with_unet(base, apply_adapter(base, done.adapter)), done.adapter.trainable_parameters, done.seconds
+            _with_unet(base.copy(), apply_adapter(base, done.adapter)), done.adapter.trainable_parameters, done.seconds
         )
     device = pick_device(config.device)
     geometry, scaled = plan(volume)
@@ -150,7 +150,7 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
     torch.manual_seed(config.seed)
     if method == "adabn":
         reestimate_bn(unet, images)
-        return Adapted(_with_unet(base, unet.cpu()), 0, time.perf_counter() - start)
+        return Adapted(_with_unet(model, unet.cpu()), 0, time.perf_counter() - start)
     if method == "udas":
         params = [p for name, p in unet.named_parameters() if name.startswith("init_path.")]
 
@@ -182,7 +182,7 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
     else:
         raise ValueError(f"unknown method {method!r}")
     trainable = sum(p.numel() for p in params)
-    return Adapted(_with_unet(base, unet.cpu()), trainable, time.perf_counter() - start)
+    return Adapted(_with_unet(model, unet.cpu()), trainable, time.perf_counter() - start)
 
 
 def run_benchmark(
