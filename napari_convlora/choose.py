@@ -1,13 +1,22 @@
-"""Automatic adapter choice, without labels: the candidate whose two heads agree best on the scan.
+"""Automatic adapter choice, without labels: which candidate's domain fits the scan best.
 
-The ConvLoRA paper selects the training epoch, without labels, by the agreement
-between the early head's and the full network's masks on the target slices
-(2D surface Dice @ 1 mm, :func:`napari_convlora.adapt.agreement`); a model that
-fits a scanner well gives consistent answers at both depths. The same
-criterion ranks the source model and every library adapter made for this base
-model on a handful of slices of the scan, and the best one is chosen. It is a
-proxy, not a measurement of accuracy: the reason string says so and gives the
-scores, so the user can see why.
+Two label-free criteria rank the source model and every library adapter made
+for this base model, on the same handful of slices of the scan that adaptation
+would read (:func:`napari_convlora.adapt.select_slices`):
+
+- ``stats`` (the default): how well the scan's encoder feature statistics match
+  the batch-norm statistics the candidate carries. An adapter's AdaBN statistics
+  *are* the feature statistics of its own scanner, so the scan is run through the
+  candidate's encoder and, at every encoder BN, the per-channel Gaussian of the
+  scan's features is compared with the stored one (KL divergence, averaged over
+  channels and layers). The score is exp(-KL): 1 when the statistics match.
+- ``agreement``: the ConvLoRA paper's epoch-selection criterion, the 2D surface
+  Dice between the early head's and the final masks (a model that fits a scanner
+  gives consistent answers at both depths).
+
+Both are proxies, not accuracy: the reason string says which was used and gives
+every score, so the user can see why. ``scripts/bench_autopick.py`` measures how
+often each picks the right scanner and what the pick costs in surface Dice.
 """
 
 from __future__ import annotations
@@ -16,58 +25,115 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .adapt import agreement, select_slices
-from .adapters import Adapter, apply_adapter, load_adapter
+from .adapters import Adapter, apply_adapter, encoder_batchnorms, load_adapter
 from .device import pick_device
 from .errors import InputError
 from .geometry import plan
-from .model import BaseModel
+from .library import ADAPTER_SUFFIX
+from .model import BaseModel, UNet2D
 from .nifti import Volume
 
 SOURCE = "source"
+CRITERIA = {
+    "stats": "fit of the scan's encoder feature statistics to the candidate's BN statistics, exp(-KL)",
+    "agreement": "agreement of early head and final mask (2D surface Dice @ 1 mm)",
+}
+DEFAULT_CRITERION = "stats"
 
 
 @dataclass
 class AutoChoice:
     adapter: Adapter | None  # None: the source model
     label: str  # "source" or the adapter's name
-    scores: dict[str, float]  # candidate -> agreement (higher is better)
+    scores: dict[str, float]  # candidate -> score (higher is better)
     skipped: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not scored
+    criterion: str = DEFAULT_CRITERION
 
     @property
     def reason(self) -> str:
         ranked = ", ".join(f"{name} {score:.3f}" for name, score in sorted(self.scores.items(), key=lambda kv: -kv[1]))
-        text = f"auto chose {self.label}: best agreement of early head and final mask, no labels used ({ranked})"
+        text = f"auto chose {self.label}: best {CRITERIA[self.criterion]}, no labels used ({ranked})"
         if self.skipped:
             text += f"; skipped {', '.join(sorted(self.skipped))} (made for another model or unreadable)"
         return text
 
 
+def statistics_fit(unet: UNet2D, images: torch.Tensor) -> float:
+    """exp(-mean KL) between the features of ``images`` at each encoder BN and that BN's stored statistics.
+
+    KL(N(m, v) || N(mu, var)) per channel, with (m, v) the scan's feature mean and
+    variance over all pixels of all slices, and (mu, var) the running statistics
+    the BN normalises with; averaged over channels, then over layers so that every
+    depth counts the same.
+    """
+    divergences: list[float] = []
+
+    def measure(bn: torch.nn.BatchNorm2d, inputs: tuple[torch.Tensor]) -> None:
+        x = inputs[0].double()
+        m, v = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3)) + bn.eps  # unbiased, as BN's running_var
+        mu, var = bn.running_mean.double(), bn.running_var.double() + bn.eps
+        kl = 0.5 * (v / var + (m - mu) ** 2 / var - 1.0 - torch.log(v / var))
+        divergences.append(float(kl.mean()))
+
+    hooks = [bn.register_forward_pre_hook(measure) for _, bn in encoder_batchnorms(unet)]
+    try:
+        unet.eval()
+        with torch.no_grad():
+            unet.encode(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return float(np.exp(-np.mean(divergences)))
+
+
 def choose_adapter(
-    base: BaseModel, volume: Volume, candidates: Sequence[Path], device: str = "auto", slices: int = 10
+    base: BaseModel,
+    volume: Volume,
+    candidates: Sequence[Path],
+    device: str = "auto",
+    slices: int = 10,
+    criterion: str = DEFAULT_CRITERION,
 ) -> AutoChoice:
-    """Score the source model and each adapter file in ``candidates`` on ``slices`` slices; pick the best."""
+    """Score the source model and each adapter file in ``candidates`` on ``slices`` slices; pick the best.
+
+    Candidates are named by their file name (the library name, which an import may
+    have chosen over the name inside the file); the first file of a name wins, so
+    pass built-ins first. Ties go to the source model. A candidate that cannot be
+    read or was made for another base model is skipped, with the reason kept in
+    ``skipped``.
+    """
+    if criterion not in CRITERIA:
+        raise InputError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     torch_device = pick_device(device)
     geometry, scaled = plan(volume)
     stack = geometry.to_model(scaled)
     images = torch.from_numpy(stack[select_slices(stack, slices)][:, None].copy()).to(torch_device)
     head = base.copy().head.to(torch_device).eval()
+
+    def score(unet: UNet2D) -> float:
+        unet = unet.to(torch_device)
+        if criterion == "stats":
+            return statistics_fit(unet, images)
+        return agreement(unet, head, images, geometry, batch_size=4)
+
     found: dict[str, Adapter | None] = {SOURCE: None}
-    scores = {SOURCE: agreement(base.copy().unet.to(torch_device), head, images, geometry, batch_size=4)}
+    scores = {SOURCE: score(base.copy().unet)}
     skipped: dict[str, str] = {}
     for path in candidates:
+        name = Path(path).name.removesuffix(ADAPTER_SUFFIX)
+        if name in scores or name in skipped:
+            continue
         try:
             adapter = load_adapter(path)
-            unet = apply_adapter(base, adapter).to(torch_device)
+            unet = apply_adapter(base, adapter)
         except InputError as exc:
-            skipped[Path(path).stem] = str(exc)
-            continue
-        name = adapter.name or Path(path).stem
-        if name in scores:  # a user adapter shadows a built-in of the same name, as in the library
+            skipped[name] = str(exc)
             continue
         found[name] = adapter
-        scores[name] = agreement(unet, head, images, geometry, batch_size=4)
+        scores[name] = score(unet)
     best = max(scores, key=lambda name: (scores[name], name == SOURCE))
-    return AutoChoice(found[best], best, scores, skipped)
+    return AutoChoice(found[best], best, scores, skipped, criterion)

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="brain mask of a NIfTI volume")
     p.add_argument("input", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True, help="mask to write (.nii or .nii.gz)")
-    p.add_argument("--adapter", default="none", help="none, auto, a library name or a .safetensors path")
+    p.add_argument("--adapter", default="none", help="none, auto (picked without labels), a library name, or a file")
     p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--no-cleanup", action="store_true", help="keep every component and hole")
@@ -197,9 +197,10 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def cmd_segment(args: argparse.Namespace) -> dict:
+    from .choose import choose_adapter
     from .files import check_output_path
     from .inference import segment
-    from .library import resolve_adapter
+    from .library import library_files, resolve_adapter
     from .nifti import NIFTI_SUFFIXES, load_volume, save_mask
 
     check_output_path(args.output, overwrite=args.overwrite, suffixes=NIFTI_SUFFIXES)
@@ -207,20 +208,27 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         raise InputError(f"{args.output}: the output would overwrite the input")
     volume = load_volume(args.input)
     base = _load_base(args.model)
-    # Automatic choice comes with the adapter library; until then "auto" is the source model.
-    adapter = resolve_adapter("none" if args.adapter == "auto" else args.adapter)
+    auto = None
+    if args.adapter == "auto":
+        auto = choose_adapter(base, volume, [path for _, _, path in library_files()], device=args.device)
+        print(f"note: {auto.reason}", file=sys.stderr)
+        adapter = auto.adapter
+    else:
+        adapter = resolve_adapter(args.adapter)
     start = time.perf_counter()
     result = segment(base, volume, adapter, device=args.device, cleanup=not args.no_cleanup)
     save_mask(result.mask, volume, args.output, overwrite=args.overwrite)
-    if args.adapter == "auto":
-        print("note: automatic adapter choice is not available yet; the source model was used", file=sys.stderr)
-    return {
+    out = {
         "input": str(args.input),
         "output": str(args.output),
         "adapter": result.adapter,
         "seconds": round(time.perf_counter() - start, 3),
         "volume_ml": round(result.volume_ml, 3),
     }
+    if auto is not None:
+        out["auto"] = {"choice": auto.label, "criterion": auto.criterion, "scores": auto.scores}
+        out["auto"]["skipped"] = auto.skipped
+    return out
 
 
 def cmd_adapt(args: argparse.Namespace) -> dict:

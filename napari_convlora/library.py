@@ -114,7 +114,7 @@ class AdapterInfo:
         }
 
 
-def _library_files() -> list[tuple[str, str, Path]]:
+def library_files() -> list[tuple[str, str, Path]]:
     """(name, source, path) of every adapter file: built-ins first, then the user's, each sorted by name.
 
     Only names that :func:`check_name` accepts count, so temporary files of
@@ -142,7 +142,7 @@ def _info(name: str, source: str, path: Path, model_id: str | None) -> AdapterIn
 def list_adapters(model_id: str | None = None) -> list[AdapterInfo]:
     """Every adapter in the library; broken or shadowing files are listed with their ``error``, not skipped."""
     entries, builtins = [], set()
-    for name, source, path in _library_files():
+    for name, source, path in library_files():
         try:
             entry = _info(name, source, path, model_id)
         except (InputError, OSError) as exc:

@@ -1,18 +1,58 @@
-"""Automatic adapter choice by the label-free agreement of the early head and the final mask."""
+"""Automatic adapter choice without labels: feature-statistics fit (default) and early/final agreement."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import torch
 
-from napari_convlora.adapt import AdaptConfig, agreement, run_adaptation, select_slices
+from napari_convlora.adapt import AdaptConfig, agreement, reestimate_bn, run_adaptation, select_slices
 from napari_convlora.adapters import apply_adapter, save_adapter
-from napari_convlora.choose import SOURCE, choose_adapter
+from napari_convlora.choose import SOURCE, choose_adapter, statistics_fit
+from napari_convlora.errors import InputError
 from napari_convlora.geometry import plan
 
 from .conftest import make_model
 
 
-def test_choice_scores_every_candidate_and_takes_the_best(tmp_path, small_volume):
+def _images(volume, n):
+    geometry, scaled = plan(volume)
+    stack = geometry.to_model(scaled)
+    return geometry, torch.from_numpy(stack[select_slices(stack, n)][:, None].copy())
+
+
+@pytest.fixture(scope="module")
+def inverted(small_volume):
+    """The same head with inverted contrast: a scanner as different as it gets."""
+    return replace(small_volume, data=small_volume.data.max() - small_volume.data)
+
+
+def test_statistics_fit_is_one_on_the_statistics_it_stores_and_lower_elsewhere(small_volume, inverted):
+    torch.set_num_threads(1)
+    unet = make_model().unet
+    _, images = _images(small_volume, 4)
+    reestimate_bn(unet, images)
+    assert statistics_fit(unet, images) == pytest.approx(1.0, abs=1e-5)
+    _, other = _images(inverted, 4)
+    assert statistics_fit(unet, other) < 0.9
+
+
+def test_stats_pick_the_adapter_of_the_scans_own_scanner(tmp_path, small_volume, inverted):
+    torch.set_num_threads(1)
+    base = make_model()
+    config = AdaptConfig(slices=4, epochs=1, device="cpu")
+    plain = save_adapter(run_adaptation(base, small_volume, config, "a").adapter, tmp_path / "plain.safetensors")
+    flipped = save_adapter(run_adaptation(base, inverted, config, "b").adapter, tmp_path / "flipped.safetensors")
+    # named by file (the library name), not by the name inside the file
+    for volume, expected in ((small_volume, "plain"), (inverted, "flipped")):
+        choice = choose_adapter(base, volume, [plain, flipped], device="cpu", slices=4)
+        assert set(choice.scores) == {SOURCE, "plain", "flipped"}
+        assert choice.label == expected and choice.adapter is not None
+        assert choice.reason.startswith(f"auto chose {expected}") and "no labels" in choice.reason
+
+
+def test_agreement_criterion_scores_every_candidate_and_skips_foreign_ones(tmp_path, small_volume):
     torch.set_num_threads(1)
     base = make_model()
     adapted = run_adaptation(base, small_volume, AdaptConfig(slices=3, epochs=2, lr=1e-2, device="cpu"), name="mine")
@@ -20,21 +60,23 @@ def test_choice_scores_every_candidate_and_takes_the_best(tmp_path, small_volume
     foreign = run_adaptation(make_model(seed=1), small_volume, AdaptConfig(slices=1, epochs=1, device="cpu"), "other")
     other = save_adapter(foreign.adapter, tmp_path / "other.safetensors")
 
-    choice = choose_adapter(base, small_volume, [mine, other], device="cpu", slices=4)
+    choice = choose_adapter(base, small_volume, [mine, other, mine], device="cpu", slices=4, criterion="agreement")
 
     assert set(choice.scores) == {SOURCE, "mine"} and set(choice.skipped) == {"other"}
     assert choice.label == max(choice.scores, key=choice.scores.get)
     assert (choice.adapter is None) == (choice.label == SOURCE)
     # the scores are the adaptation engine's own agreement figure on the same slices
-    geometry, scaled = plan(small_volume)
-    stack = geometry.to_model(scaled)
-    images = torch.from_numpy(stack[select_slices(stack, 4)][:, None].copy())
+    geometry, images = _images(small_volume, 4)
     expected = agreement(apply_adapter(base, adapted.adapter), base.copy().head.eval(), images, geometry, 4)
     assert abs(choice.scores["mine"] - expected) < 1e-9
-    assert choice.reason.startswith(f"auto chose {choice.label}") and "no labels" in choice.reason
-    assert "skipped other" in choice.reason
+    assert "agreement" in choice.reason and "skipped other" in choice.reason
 
 
 def test_choice_with_an_empty_library_is_the_source_model(small_volume):
     choice = choose_adapter(make_model(), small_volume, [], device="cpu", slices=2)
     assert choice.label == SOURCE and choice.adapter is None and list(choice.scores) == [SOURCE]
+
+
+def test_unknown_criterion_is_refused(small_volume):
+    with pytest.raises(InputError, match="unknown criterion 'best'"):
+        choose_adapter(make_model(), small_volume, [], device="cpu", criterion="best")

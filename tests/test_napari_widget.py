@@ -129,7 +129,7 @@ def test_adapt_saves_selects_and_segments(viewer_widget, qtbot, tmp_path, model_
     widget.controls.evaluate_button.click()
     _wait_idle(qtbot, widget)
     assert set(widget.last_metrics.rows) == {"mask: scanner-b"}
-    # "auto" ranks the source model and the library's adapter by early/final agreement and says why
+    # "auto" ranks the source model and the library's adapter by feature-statistics fit and says why
     widget.controls.adapter_combo.setCurrentText(jobs.AUTO_LABEL)
     widget.controls.segment_button.click()
     _wait_idle(qtbot, widget)

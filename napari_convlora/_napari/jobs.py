@@ -30,7 +30,8 @@ from ..choose import choose_adapter
 from ..errors import InputError
 from ..geometry import plan
 from ..inference import Segmentation, SegmentProgress, iter_segment
-from ..library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, check_name, resolve_adapter, user_adapter_dir
+from ..library import ADAPTER_SUFFIX, BUILTIN, check_name, resolve_adapter, user_adapter_dir
+from ..library import library_files as core_library_files
 from ..metrics import evaluate
 from ..model import BaseModel, load_model
 from ..nifti import Volume
@@ -71,11 +72,7 @@ class SegmentResult:
 
 def library_files() -> list[tuple[str, Path, bool]]:
     """(name, file, built-in?) of every adapter in the library: built-ins first, then the user's own."""
-    out = []
-    for folder, builtin in ((BUILTIN_ADAPTERS, True), (user_adapter_dir(), False)):
-        if folder.is_dir():
-            out += [(p.name[: -len(ADAPTER_SUFFIX)], p, builtin) for p in sorted(folder.glob(f"*{ADAPTER_SUFFIX}"))]
-    return out
+    return [(name, path, source == BUILTIN) for name, source, path in core_library_files()]
 
 
 def resolve_for_widget(spec: str, base: BaseModel, volume: Volume, device: str) -> tuple[Adapter | None, str, str]:
@@ -83,8 +80,7 @@ def resolve_for_widget(spec: str, base: BaseModel, volume: Volume, device: str) 
     if spec == SOURCE_LABEL:
         return None, "source", "source model (no adapter)"
     if spec == AUTO_LABEL:
-        # the user's adapters first, so that one shadows a built-in of the same name (as in the library)
-        files = [path for _, path, builtin in sorted(library_files(), key=lambda f: f[2])]
+        files = [path for _, path, _ in library_files()]  # built-ins first: they win a name clash, as in the library
         choice = choose_adapter(base, volume, files, device=device)
         return choice.adapter, choice.label, choice.reason
     adapter = resolve_adapter(spec)
