@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Built-in adapters: the shipped model adapted (default settings) to each simulated target profile of the
-# MNI152 head. Run from the repository root with the project installed; ../shared/data holds the shared heads.
+# Built-in adapters: the shipped model adapted (default settings) to each simulated profile of the MNI152
+# head, the source profile ge-3t included (its statistics are the source-like reference of auto-pick).
+# Run from the repository root with the project installed; ../shared/data holds the shared heads.
 set -euo pipefail
 mkdir -p out/twins
-for p in ge-1.5t philips-1.5t philips-3t siemens-1.5t siemens-3t; do
+for p in ge-3t ge-1.5t philips-1.5t philips-3t siemens-1.5t siemens-3t; do
   convlora simulate ../shared/data/mni152/t1.nii.gz -o out/twins/mni152_$p.nii.gz --profile $p --seed 0 --overwrite
   convlora adapt out/twins/mni152_$p.nii.gz --name $p --seed 0 --device cpu -o resources/adapters/$p.safetensors --overwrite
 done
