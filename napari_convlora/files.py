@@ -15,6 +15,16 @@ from pathlib import Path
 from .errors import InputError
 
 
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (read once: reading it means setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+NEW_FILE_MODE = _new_file_mode()
+
+
 def check_output_path(path: str | os.PathLike, overwrite: bool = False, suffixes: Sequence[str] = ()) -> Path:
     """Check before any work that ``path`` can be written: suffix, existing writable folder, no clobbering."""
     path = Path(path)
@@ -39,12 +49,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], overw
 
     The temporary name keeps the suffixes (``.nii.gz``) because writers pick the
     format from them. Without ``overwrite`` an existing ``path`` is an InputError.
+    The file gets the usual mode of a new file (some writers, safetensors among
+    them, create 0600 files, which a colleague could not read from a shared folder).
     """
     path = Path(path)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
     tmp = path.with_name(f".{path.name[: len(path.name) - len(suffix)]}.tmp{os.getpid()}{suffix}")
     try:
         write(tmp)
+        os.chmod(tmp, NEW_FILE_MODE)
         if overwrite:
             os.replace(tmp, path)
         else:

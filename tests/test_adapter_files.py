@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from napari_convlora import files
 from napari_convlora.adapters import (
     ADAPTER_FORMAT_VERSION,
     apply_adapter,
@@ -158,7 +160,8 @@ def test_the_pickle_fixture_really_runs_code_when_unpickled(tmp_path):
     assert (tmp_path / "unpickled").exists()
 
 
-def test_a_good_file_loads_and_keeps_what_it_records(tmp_path):
+def test_a_good_file_loads_and_keeps_what_it_records(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "NEW_FILE_MODE", 0o644)  # what a umask of 022 gives
     model = make_model(4)
     adapter = trained_adapter(model, description="GE 1.5T, site B")
     loaded = load_adapter(save_adapter(adapter, tmp_path / "a.safetensors"))
@@ -167,6 +170,8 @@ def test_a_good_file_loads_and_keeps_what_it_records(tmp_path):
     assert meta["base_model_id"] == model.model_id and meta["rank"] == 2 and meta["alpha"] == 2.0
     assert {"created", "software_version", "layers", "epochs", "lr"} <= set(meta)
     assert all(torch.equal(loaded.tensors[k], v) for k, v in adapter.tensors.items())
+    # readable like any new file (safetensors alone would leave 0600: unreadable by a colleague)
+    assert stat.S_IMODE(loaded.path.stat().st_mode) == 0o644
 
 
 def test_another_base_model_is_refused_naming_both_ids_and_the_file(tmp_path):
