@@ -113,20 +113,21 @@ class ConvLoRAMoE(nn.Module):
     and x + 0 == x in floating point). Written in feature space rather than as a
     weight update because E is not linear.
 
-    Expert i (scale i = 1..n) upsamples the r-channel map i times (bilinear),
+    Expert i (scale i = 1..n) upsamples the r-channel map i times (nearest),
     applies a 3x3 conv r -> r with bias (bias zero-initialised) and a GELU, and
     average-pools i x i back to the original size: the same 3x3 conv then sees
-    structures i times finer, which is the paper's multi-scale prior. Average
-    pooling returns to exactly the original size and does not alias, and is
-    cheaper than the reference code's bicubic resize. As in the reference code,
-    the expert output is added to the bottleneck (a + E_g(a)).
+    structures i times finer, which is the paper's multi-scale prior. The
+    reference code resizes bicubically both ways; nearest up and area down
+    instead make the expert computable exactly on the original grid (see
+    :meth:`_expert`), which keeps the eighth expert as cheap as the first. As in
+    the reference code, the expert output is added to the bottleneck (a + E_g(a)).
 
     The gate g is noisy top-1 gating (Shazeer et al. 2017): logits = mean-pooled
     a (r values per sample) times a zero-initialised n x r matrix; in training,
     Gaussian noise with standard deviation softplus(second zero-initialised
     matrix times the pooled a) + 0.01 is added, and each sample runs only its
-    chosen expert (samples are grouped by expert, so an x8 upsampling is paid
-    only by the samples routed to it). With top-1 routing the renormalised gate
+    chosen expert (samples are grouped by expert: one batch per expert in use).
+    With top-1 routing the renormalised gate
     value is exactly 1, so, as in the reference code (``multiply_by_gates=False``),
     the expert output is not scaled and the gate learns from the load-balancing
     loss alone. That loss, cv^2(importance) + cv^2(load), is left in
@@ -206,11 +207,43 @@ class ConvLoRAMoE(nn.Module):
         return torch.cat(outputs)[torch.argsort(torch.cat(rows))]
 
     def _expert(self, a: torch.Tensor, i: int) -> torch.Tensor:
+        """Expert i: nearest upsampling by i + 1, 3x3 conv with bias, GELU, (i + 1) x (i + 1) average pooling.
+
+        Computed on the original grid, without building the upsampled map (64
+        times larger for the eighth expert, on a full-resolution 256 x 256
+        bottleneck: seconds per step on a CPU). After nearest upsampling by s,
+        the 3x3 conv at a fine pixel in row u (0..s-1) of its s x s block reads
+        the original row above only if u = 0, the row below only if u = s - 1,
+        and its own row otherwise; likewise for columns. So there are (at most)
+        3 x 3 kinds of fine pixel, each a 3x3 conv on the original grid whose
+        kernel sums the fine taps that land on the same original pixel, and the
+        average pool is their GELU outputs weighted by how many fine pixels of
+        each kind a block holds (1, s - 2, 1 per axis, over s^2). Zero padding
+        of the fine grid is zero padding of the original grid. Equal, up to
+        float rounding, to the literal computation (tests/test_adapters.py).
+        """
         scale, r = i + 1, self.rank
         weight, bias = self.experts_weight[i * r : (i + 1) * r], self.experts_bias[i * r : (i + 1) * r]
-        h = a if scale == 1 else F.interpolate(a, scale_factor=scale, mode="bilinear", align_corners=False)
-        h = F.gelu(F.conv2d(h, weight, bias, padding=1))
-        return h if scale == 1 else F.avg_pool2d(h, scale)
+        if scale == 1:
+            return F.gelu(F.conv2d(a, weight, bias, padding=1))
+        kinds = [k for k, n in enumerate((1, scale - 2, 1)) if n > 0]  # scale 2 has no middle row
+        taps = _FINE_TO_COARSE_TAPS[kinds].to(a.device, a.dtype)  # (kinds, 3 original taps, 3 fine taps)
+        kernels = torch.einsum("uyj,oqjk,vxk->uvoqyx", taps, weight, taps).reshape(-1, r, 3, 3)
+        h = F.gelu(F.conv2d(a, kernels, bias.repeat(len(kinds) ** 2), padding=1))
+        counts = torch.tensor([1.0, scale - 2.0, 1.0])[kinds].to(a.device, a.dtype)
+        share = (counts[:, None] * counts[None, :]).reshape(-1) / scale**2
+        return torch.einsum("k,bkchw->bchw", share, h.unflatten(1, (-1, r)))
+
+
+# Which original-grid tap (rows) each fine tap (columns) of a 3x3 conv reads after nearest upsampling,
+# for a fine pixel in the first, a middle, and the last row (or column) of its block (see ConvLoRAMoE._expert).
+_FINE_TO_COARSE_TAPS = torch.tensor(
+    [
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 0.0]],
+        [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]],
+        [[0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+    ]
+)
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:

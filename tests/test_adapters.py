@@ -218,6 +218,21 @@ def test_moe_routes_each_sample_through_one_expert_independently_of_the_batch():
         assert torch.equal(layer(x), batch)  # eval mode is deterministic
 
 
+@pytest.mark.parametrize("size", [(7, 9), (12, 12)])
+def test_moe_experts_equal_upsample_conv_gelu_pool_done_literally(size):
+    """Each expert, computed on the original grid, equals nearest upsampling, conv + GELU, average pooling."""
+    layer = ConvLoRAMoE(nn.Conv2d(3, 3, 3, padding=1), rank=3, experts=8)
+    with torch.no_grad():
+        layer.experts_bias.normal_(std=0.5, generator=torch.Generator().manual_seed(1))
+    a = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    for i in range(8):
+        s = i + 1
+        weight, bias = layer.experts_weight[3 * i : 3 * i + 3], layer.experts_bias[3 * i : 3 * i + 3]
+        fine = F.interpolate(a, scale_factor=s, mode="nearest")
+        literal = F.avg_pool2d(F.gelu(F.conv2d(fine, weight, bias, padding=1)), s)
+        torch.testing.assert_close(layer._expert(a, i), literal, rtol=1e-5, atol=1e-6)
+
+
 def test_moe_expert_scales_are_different_functions():
     layer = ConvLoRAMoE(nn.Conv2d(2, 2, 3, padding=1), rank=2, experts=3)
     with torch.no_grad():
