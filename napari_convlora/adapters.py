@@ -127,10 +127,9 @@ class ConvLoRAMoE(nn.Module):
     Gaussian noise with standard deviation softplus(second zero-initialised
     matrix times the pooled a) + 0.01 is added, and each sample runs only its
     chosen expert (samples are grouped by expert: one batch per expert in use).
-    With top-1 routing the renormalised gate
-    value is exactly 1, so, as in the reference code (``multiply_by_gates=False``),
-    the expert output is not scaled and the gate learns from the load-balancing
-    loss alone. That loss, cv^2(importance) + cv^2(load), is left in
+    With top-1 routing the renormalised gate value is exactly 1, so, as in the
+    reference code (``multiply_by_gates=False``), the expert output is not
+    scaled and the gate learns from the load-balancing loss alone. That loss, cv^2(importance) + cv^2(load), is left in
     :attr:`balance_loss` after each training forward pass; importance is the
     batch sum of the softmax gate probabilities (the sparse one-hot gates of
     top-1 routing would carry no gradient), load is Shazeer's smooth estimate
