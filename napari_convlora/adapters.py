@@ -198,8 +198,11 @@ class ConvLoRAMoE(nn.Module):
 
     def _run_experts(self, a: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Each sample through its chosen expert, one batch per expert, back in the input's order."""
+        used = chosen.unique().tolist()
+        if len(used) == 1:  # the whole batch agrees: no gather and scatter
+            return self._expert(a, used[0])
         outputs, rows = [], []
-        for i in chosen.unique().tolist():
+        for i in used:
             picked = torch.nonzero(chosen == i)[:, 0]
             outputs.append(self._expert(a[picked], i))
             rows.append(picked)
@@ -229,9 +232,11 @@ class ConvLoRAMoE(nn.Module):
         taps = _FINE_TO_COARSE_TAPS[kinds].to(a.device, a.dtype)  # (kinds, 3 original taps, 3 fine taps)
         kernels = torch.einsum("uyj,oqjk,vxk->uvoqyx", taps, weight, taps).reshape(-1, r, 3, 3)
         h = F.gelu(F.conv2d(a, kernels, bias.repeat(len(kinds) ** 2), padding=1))
-        counts = torch.tensor([1.0, scale - 2.0, 1.0])[kinds].to(a.device, a.dtype)
-        share = (counts[:, None] * counts[None, :]).reshape(-1) / scale**2
-        return torch.einsum("k,bkchw->bchw", share, h.unflatten(1, (-1, r)))
+        counts = torch.tensor([1.0, scale - 2.0, 1.0])[kinds]
+        share = (counts[:, None] * counts[None, :]).reshape(1, -1) / scale**2
+        # the weighted average of the kinds as a 1x1 conv: no reshaping copies of channels_last maps
+        mix = torch.kron(share, torch.eye(r)).to(a.device, a.dtype)[:, :, None, None]
+        return F.conv2d(h, mix)
 
 
 # Which original-grid tap (rows) each fine tap (columns) of a 3x3 conv reads after nearest upsampling,
