@@ -8,6 +8,10 @@ each epoch the BN statistics are re-estimated for the new weights and the
 agreement (2D surface Dice at 1 mm) between the thresholded early-head and final
 predictions is measured; the epoch that agrees best is kept. No label is used.
 
+The adapters are ConvLoRA by default, or (``kind="moe"``) Conv-LoRA with a
+mixture of scale experts, whose load-balancing loss is then added to the
+self-training loss.
+
 :func:`adapt` is a generator of typed reports so a GUI or a CLI can show
 progress and stop it between steps. It works on a copy: the base model is never
 modified, whatever happens.
@@ -23,13 +27,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapters import Adapter, encoder_batchnorms, extract_adapter, inject_convlora, new_metadata, set_trainable
+from .adapters import (
+    ADAPTER_KINDS,
+    DEFAULT_EXPERTS,
+    Adapter,
+    balance_loss,
+    encoder_batchnorms,
+    extract_adapter,
+    inject_adapters,
+    moe_layers,
+    new_metadata,
+    set_trainable,
+)
 from .device import pick_device
 from .errors import InputError
 from .geometry import SliceGeometry, plan
 from .metrics import surface_dice
 from .model import BaseModel, UNet2D
 from .nifti import Volume
+
+# Weight of the MoE load-balancing loss (summed over layers) against the self-training BCE: the
+# value of Shazeer et al. and of the Conv-LoRA code. It only keeps experts in use; the gate learns from it alone.
+BALANCE_WEIGHT = 1e-2
 
 
 @dataclass(frozen=True)
@@ -44,9 +63,13 @@ class AdaptConfig:
     slice_indices: Sequence[int] | None = None  # sagittal slices in the model's stack; None: spread automatically
     device: str = "auto"
     adabn: bool = True  # re-estimate encoder BN statistics on the target (False: ConvLoRA alone, the ablation)
+    kind: str = "convlora"  # or "moe": Conv-LoRA with a mixture of scale experts
+    experts: int = DEFAULT_EXPERTS  # scale experts per layer (kind "moe" only)
 
     def check(self) -> None:
-        for name in ("slices", "epochs", "rank", "batch_size"):
+        if self.kind not in ADAPTER_KINDS:
+            raise InputError(f"--kind must be one of {', '.join(ADAPTER_KINDS)}, got {self.kind!r}")
+        for name in ("slices", "epochs", "rank", "batch_size", "experts"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not (self.lr > 0 and np.isfinite(self.lr)):
@@ -61,7 +84,7 @@ class StepReport:
     total_steps: int
     epoch: int  # 1-based
     epochs: int
-    loss: float
+    loss: float  # what is minimised: the self-training BCE (plus the weighted balance loss for kind "moe")
     elapsed_s: float
     eta_s: float
 
@@ -119,8 +142,11 @@ def reestimate_bn(unet: UNet2D, images: torch.Tensor) -> None:
     """AdaBN: set the encoder BN running statistics to the exact statistics of ``images``.
 
     One pass over all target slices at once (a handful, by design): averaging
-    per-batch variances instead would miss the variance between batches.
+    per-batch variances instead would miss the variance between batches. Every
+    other module runs in eval mode, as at inference (MoE gates without noise),
+    so the statistics are those of the network that will be used.
     """
+    unet.eval()
     bns = [bn for _, bn in encoder_batchnorms(unet)]
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
@@ -153,12 +179,17 @@ def agreement(
 
 
 def _train_mode(unet: UNet2D, head: torch.nn.Module, adabn: bool) -> None:
-    """Encoder BNs use batch statistics with AdaBN (source statistics without); decoder and head stay in eval mode."""
+    """Encoder BNs use batch statistics with AdaBN (source statistics without); decoder and head stay in eval mode.
+
+    MoE layers train (noisy gates, balance loss); their frozen convs behave the same in either mode.
+    """
     unet.eval()
     head.eval()
     if adabn:
         for _, bn in encoder_batchnorms(unet):
             bn.train()
+    for _, layer in moe_layers(unet):
+        layer.train()
 
 
 def adapt(
@@ -183,7 +214,7 @@ def adapt(
 
     model = base.copy()  # never touch the caller's weights
     unet, head = model.unet, model.head.to(device)
-    layers = inject_convlora(unet, config.rank, config.alpha, seed=config.seed)
+    layers = inject_adapters(unet, config.kind, config.rank, config.alpha, config.experts, seed=config.seed)
     unet.to(device)
     trainable = set_trainable(unet)
     for p in head.parameters():
@@ -211,6 +242,8 @@ def adapt(
             with torch.no_grad():
                 target = torch.sigmoid(unet.decode(tuple(f.detach() for f in features)))
             loss = F.binary_cross_entropy_with_logits(head(features[-1], x.shape[-2:]), target)
+            if config.kind == "moe":
+                loss = loss + BALANCE_WEIGHT * balance_loss(unet)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -242,6 +275,8 @@ def adapt(
         name,
         config.rank,
         config.alpha,
+        kind=config.kind,
+        experts=config.experts,
         layers=layers,
         slices=indices,
         epochs=config.epochs,
@@ -252,6 +287,7 @@ def adapt(
         best_epoch=best_epoch,
         agreements=agreements,
         seconds=round(seconds, 3),
+        **({"balance_weight": BALANCE_WEIGHT} if config.kind == "moe" else {}),
     )
     adapter = Adapter(best_state, metadata)
     yield AdaptDone(adapter, best_epoch, agreements, indices, seconds)

@@ -12,6 +12,8 @@ carried onto the simulated grid. Methods:
   LoRA, source BN statistics (same early-head agreement loss as ours);
 - ``convlora``: ConvLoRA self-training with the source BN statistics (the ablation);
 - ``convlora+adabn``: this project's method (:func:`napari_convlora.adapt.adapt`);
+- ``moe`` and ``moe+adabn``: the same self-training with Conv-LoRA adapters with a
+  mixture of 8 scale experts (``kind="moe"``), without and with AdaBN;
 - ``full-ft``: the whole U-Net fine-tuned on its own thresholded predictions
   (classic self-training on pseudo-labels);
 - ``oracle``: the whole U-Net fine-tuned, after AdaBN, on the *true* labels of the
@@ -50,6 +52,8 @@ METHODS: dict[str, str] = {
     "udas": "UDAS-style: the first block's own weights self-trained, no LoRA, source BN statistics",
     "convlora": "ConvLoRA self-training, source BN statistics",
     "convlora+adabn": "ConvLoRA + AdaBN self-training (this project's method)",
+    "moe": "Conv-LoRA with a mixture of scale experts (MoE) self-training, source BN statistics",
+    "moe+adabn": "Conv-LoRA with a mixture of scale experts (MoE) + AdaBN self-training",
     "full-ft": "full fine-tuning of the U-Net on its own thresholded predictions (pseudo-labels)",
     "oracle": "full fine-tuning of the U-Net on the true labels of the same slices (upper bound)",
 }
@@ -135,8 +139,9 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
     start = time.perf_counter()
     if method == "source":
         return Adapted(base, 0, 0.0)
-    if method in ("convlora", "convlora+adabn"):
-        done = run_adaptation(base, volume, replace(config, adabn=method == "convlora+adabn"), name=method)
+    if method in ("convlora", "convlora+adabn", "moe", "moe+adabn"):
+        kind, _, adabn = method.partition("+")
+        done = run_adaptation(base, volume, replace(config, kind=kind, adabn=adabn == "adabn"), name=method)
         return Adapted(
             _with_unet(base.copy(), apply_adapter(base, done.adapter)), done.adapter.trainable_parameters, done.seconds
         )

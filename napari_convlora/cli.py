@@ -54,6 +54,7 @@ def _seed(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .adapters import ADAPTER_KINDS
     from .device import DEVICE_CHOICES
 
     parser = _Parser(prog="convlora", description="Skull stripping with per-scanner ConvLoRA adapters.")
@@ -79,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=5)
     p.add_argument("--lr", type=_positive_float, default=1e-4)
     p.add_argument("--rank", type=_positive_int, default=2)
+    p.add_argument(
+        "--kind",
+        choices=ADAPTER_KINDS,
+        default="convlora",
+        help="convlora (default), or moe: Conv-LoRA with a mixture of scale experts (not mergeable, slower inference)",
+    )
+    p.add_argument("--experts", type=_positive_int, help="scale experts per layer, for --kind moe (default 8)")
     p.add_argument("--batch-size", type=_positive_int, default=2)
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("-o", "--output", type=Path, help="adapter file to write (default: the library, under NAME)")
@@ -233,11 +241,13 @@ def cmd_segment(args: argparse.Namespace) -> dict:
 
 def cmd_adapt(args: argparse.Namespace) -> dict:
     from .adapt import AdaptCancelled, AdaptConfig, AdaptDone, EpochReport, StepReport, adapt
-    from .adapters import save_adapter
+    from .adapters import DEFAULT_EXPERTS, save_adapter
     from .files import check_output_path
     from .library import ADAPTER_SUFFIX, check_name, user_adapter_path
     from .nifti import load_volume
 
+    if args.experts is not None and args.kind != "moe":
+        raise InputError("--experts applies to --kind moe only")
     name = check_name(args.name or _stem(args.input))
     output = args.output or user_adapter_path(name, args.overwrite, "choose another --name or pass --overwrite")
     check_output_path(output, overwrite=args.overwrite, suffixes=(ADAPTER_SUFFIX,))
@@ -249,6 +259,8 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         seed=args.seed,
         device=args.device,
+        kind=args.kind,
+        experts=args.experts or DEFAULT_EXPERTS,
     )
     config.check()
     volume = load_volume(args.input)
@@ -276,6 +288,7 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
     return {
         "adapter": str(output),
         "name": name,
+        "kind": args.kind,
         "trainable_parameters": done.adapter.trainable_parameters,
         "seconds": round(done.seconds, 3),
         "best_epoch": done.best_epoch,
@@ -683,7 +696,8 @@ def _print_human(command: str, result: dict) -> None:
         )
     else:
         print(
-            f"{result['adapter']}: adapter {result['name']!r}, {result['trainable_parameters']} trainable parameters, "
+            f"{result['adapter']}: {result['kind']} adapter {result['name']!r}, "
+            f"{result['trainable_parameters']} trainable parameters, "
             f"best epoch {result['best_epoch']}, {result['seconds']:.1f} s"
         )
 

@@ -1,8 +1,11 @@
-"""Time whole-volume segmentation and ConvLoRA adaptation with a model on this machine.
+"""Time whole-volume segmentation and adaptation (ConvLoRA and MoE adapters) with a model on this machine.
 
 Usage: python scripts/bench_inference.py [--model resources/source_model.safetensors] [--volume ...] [--repeats 3]
+                                         [--kinds convlora moe]
 Prints: per-slice inference time with and without channels_last, whole-volume `segment` time,
-and the time of one default adaptation (10 slices x 5 epochs).
+and for each adapter kind the time of one default adaptation (10 slices x 5 epochs), then
+per-slice and whole-volume inference with that adapter as `segment` runs it (ConvLoRA merged,
+MoE unmerged: it cannot be merged).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 
 from napari_convlora.adapt import AdaptConfig, run_adaptation
+from napari_convlora.adapters import ADAPTER_KINDS, apply_adapter
 from napari_convlora.geometry import plan
 from napari_convlora.inference import segment
 from napari_convlora.model import load_model
@@ -44,6 +48,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "resources" / "source_model.safetensors")
     parser.add_argument("--volume", type=Path, default=ROOT / "resources" / "sample" / "colin27_t1.nii.gz")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--kinds", nargs="+", choices=ADAPTER_KINDS, default=list(ADAPTER_KINDS))
     args = parser.parse_args()
     base, volume = load_model(args.model), load_volume(args.volume)
     width = base.metadata["architecture"]["base_width"]
@@ -58,11 +63,18 @@ def main() -> None:
         print(f"  inference, batch 16, {'channels_last' if layout else 'contiguous  '}: {ms:6.1f} ms/slice")
     seconds = statistics.median(segment(base, volume, device="cpu").seconds for _ in range(args.repeats))
     print(f"  segment (whole volume, incl. resampling and clean-up): {seconds:.1f} s (median of {args.repeats})")
-    done = run_adaptation(base, volume, AdaptConfig(device="cpu"))
-    print(
-        f"  adapt, 10 slices x 5 epochs, batch 2: {done.seconds:.1f} s, best epoch {done.best_epoch}, "
-        f"agreements {[round(a, 4) for a in done.agreements]}"
-    )
+    for kind in args.kinds:
+        done = run_adaptation(base, volume, AdaptConfig(device="cpu", kind=kind))
+        print(
+            f"  {kind}: adapt, 10 slices x 5 epochs, batch 2: {done.seconds:.1f} s, best epoch {done.best_epoch}, "
+            f"agreements {[round(a, 4) for a in done.agreements]}"
+        )
+        adapted = apply_adapter(base, done.adapter)
+        ms = statistics.median(per_slice_ms(adapted, stack, True) for _ in range(args.repeats))
+        seconds = statistics.median(
+            segment(base, volume, done.adapter, device="cpu").seconds for _ in range(args.repeats)
+        )
+        print(f"  {kind}: with the adapter, batch 16, channels_last: {ms:6.1f} ms/slice; segment {seconds:.1f} s")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from napari_convlora.adapt import (
     run_adaptation,
     select_slices,
 )
-from napari_convlora.adapters import apply_adapter, encoder_batchnorms, inject_convlora
+from napari_convlora.adapters import apply_adapter, encoder_batchnorms, inject_convlora, moe_layers
 from napari_convlora.errors import InputError
 
 QUICK = AdaptConfig(slices=4, epochs=2, batch_size=2, lr=1e-3, seed=0, device="cpu")
@@ -111,9 +111,12 @@ def test_given_slice_indices_are_used_and_checked(model, small_volume):
         run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "slice_indices": [10_000]}))
 
 
-@pytest.mark.parametrize("field,value", [("epochs", 0), ("slices", 0), ("lr", -1.0), ("rank", 0), ("batch_size", 0)])
+@pytest.mark.parametrize(
+    "field,value",
+    [("epochs", 0), ("slices", 0), ("lr", -1.0), ("rank", 0), ("batch_size", 0), ("kind", "lora"), ("experts", 0)],
+)
 def test_bad_settings_are_refused(model, small_volume, field, value):
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match=f"--{field.replace('_', '-')}"):
         run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, field: value}))
 
 
@@ -141,3 +144,41 @@ def test_without_adabn_the_source_statistics_are_kept(model, small_volume):
     with_adabn = run_adaptation(model, small_volume, QUICK).adapter.tensors
     name = encoder_batchnorms(model.unet)[0][0]
     assert not torch.allclose(with_adabn[f"{name}.running_mean"], done.adapter.tensors[f"{name}.running_mean"])
+
+
+MOE = AdaptConfig(**{**QUICK.__dict__, "kind": "moe", "experts": 4})
+
+
+def test_moe_adaptation_trains_adapters_and_gates_and_records_its_kind(model, small_volume, monkeypatch):
+    import napari_convlora.adapt as engine
+
+    balance = []
+
+    def recorded(unet):
+        loss = real(unet)
+        balance.append(loss.item())
+        return loss
+
+    real = engine.balance_loss
+    monkeypatch.setattr(engine, "balance_loss", recorded)
+    before = model.model_id
+    done = run_adaptation(model, small_volume, MOE)
+    assert len(balance) == 4 and min(balance) > 0  # one balance loss per training step
+    meta = done.adapter.metadata
+    assert meta["kind"] == "moe" and meta["experts"] == 4 and meta["balance_weight"] == engine.BALANCE_WEIGHT
+    tensors = done.adapter.tensors
+    assert any(torch.count_nonzero(v) for k, v in tensors.items() if k.endswith("lora_B"))
+    assert any(torch.count_nonzero(v) for k, v in tensors.items() if k.endswith("gate_weight"))  # balance loss
+    assert model.model_id == before
+    adapted = apply_adapter(model, done.adapter)
+    assert len(moe_layers(adapted)) == len(meta["layers"])
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert not torch.allclose(adapted(x), model.unet(x))
+        assert torch.equal(adapted(x), adapted(x))  # eval mode: no gate noise
+
+
+def test_moe_runs_are_reproducible_gate_noise_included(model, small_volume):
+    a = run_adaptation(model, small_volume, MOE).adapter.tensors
+    b = run_adaptation(model, small_volume, MOE).adapter.tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

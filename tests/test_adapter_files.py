@@ -23,9 +23,11 @@ from napari_convlora.adapters import (
     ADAPTER_FORMAT_VERSION,
     apply_adapter,
     extract_adapter,
+    inject_adapters,
     inject_convlora,
     load_adapter,
     lora_layers,
+    moe_layers,
     new_metadata,
     save_adapter,
 )
@@ -136,11 +138,51 @@ BAD_FILES = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_FILES))
-def test_bad_adapter_files_are_refused_naming_the_file(case, tmp_path, capsys):
-    adapter = trained_adapter(make_model(4))
-    build, words = BAD_FILES[case]
-    path = build(tmp_path / "shared.safetensors", adapter.tensors, adapter.metadata)
+def trained_moe_adapter(model, experts: int = 4, seed: int = 1):
+    """A ``moe`` adapter of ``model`` with non-zero B and gates, as adaptation would leave it."""
+    unet = model.copy().unet
+    inject_adapters(unet, "moe", experts=experts)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in moe_layers(unet):
+            layer.lora_B.normal_(generator=generator)
+            layer.gate_weight.normal_(generator=generator)
+    return extract_adapter(unet, new_metadata(model, "scanner-m", 2, 2.0, kind="moe", experts=experts))
+
+
+FIRST_GATE = "init_path.0.gate_weight"
+FIRST_EXPERTS = "init_path.0.experts_weight"
+
+MOE_BAD_FILES = {
+    # case: (build(path, tensors, metadata) -> path, expected words in the message); the tensors have 4 experts
+    "no experts": (
+        lambda p, t, m: write_raw(p, t, {k: v for k, v in m.items() if k != "experts"}),
+        "'experts' must be a positive integer, got None",
+    ),
+    "bad experts": (lambda p, t, m: write_raw(p, t, {**m, "experts": 0}), "'experts' must be a positive integer"),
+    "experts disagree with tensors": (
+        lambda p, t, m: write_raw(p, t, {**m, "experts": 8}),
+        "experts_bias is torch.float32(8,), expected torch.float32(16,)",
+    ),
+    "missing gate": (lambda p, t, m: write_raw(p, {k: v for k, v in t.items() if k != FIRST_GATE}, m), FIRST_GATE),
+    "extra expert tensor": (
+        lambda p, t, m: write_raw(p, _changed(t, "init_path.0.experts_scale", torch.ones(4)), m),
+        "'init_path.0.experts_scale'",
+    ),
+    "wrong expert shape": (
+        lambda p, t, m: write_raw(p, _changed(t, FIRST_EXPERTS, t[FIRST_EXPERTS][:-2]), m),
+        f"tensor {FIRST_EXPERTS} is torch.float32(6, 2, 3, 3)",
+    ),
+    "moe tensors called convlora": (
+        lambda p, t, m: write_raw(p, t, {k: v for k, v in m.items() if k != "experts"} | {"kind": "convlora"}),
+        "do not fit a U-Net with convlora adapters",
+    ),
+    "NaN gate": (lambda p, t, m: write_raw(p, _changed(t, FIRST_GATE, t[FIRST_GATE] * math.nan), m), "NaN or Inf"),
+}
+
+
+def _refused(path: Path, words: str, tmp_path: Path, capsys) -> None:
+    """Refused by the core and by ``convlora adapters import``: one message naming the file, nothing imported."""
     with pytest.raises(InputError) as caught:
         load_adapter(path)
     assert str(caught.value).startswith(f"{path}: ") and words in str(caught.value), str(caught.value)
@@ -151,6 +193,46 @@ def test_bad_adapter_files_are_refused_naming_the_file(case, tmp_path, capsys):
     library = tmp_path / "home" / "adapters"
     assert not library.exists() or list(library.iterdir()) == []
     assert not (tmp_path / "unpickled").exists()  # the pickle was never executed
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_adapter_files_are_refused_naming_the_file(case, tmp_path, capsys):
+    adapter = trained_adapter(make_model(4))
+    build, words = BAD_FILES[case]
+    _refused(build(tmp_path / "shared.safetensors", adapter.tensors, adapter.metadata), words, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("case", list(MOE_BAD_FILES))
+def test_bad_moe_adapter_files_are_refused_naming_the_file(case, tmp_path, capsys):
+    adapter = trained_moe_adapter(make_model(4))
+    build, words = MOE_BAD_FILES[case]
+    _refused(build(tmp_path / "shared.safetensors", adapter.tensors, adapter.metadata), words, tmp_path, capsys)
+
+
+def test_convlora_tensors_called_moe_are_refused(tmp_path, capsys):
+    adapter = trained_adapter(make_model(4))
+    path = write_raw(
+        tmp_path / "shared.safetensors", adapter.tensors, {**adapter.metadata, "kind": "moe", "experts": 8}
+    )
+    _refused(path, "do not fit a U-Net with moe adapters (missing ['down1.1.experts_bias'", tmp_path, capsys)
+
+
+def test_a_good_moe_file_loads_and_is_listed_with_its_kind(tmp_path, capsys, model_file):
+    model = make_model(4)
+    adapter = trained_moe_adapter(model)
+    loaded = load_adapter(save_adapter(adapter, tmp_path / "m.safetensors"))
+    assert loaded.metadata["kind"] == "moe" and loaded.metadata["experts"] == 4
+    assert loaded.trainable_parameters == adapter.trainable_parameters > 0
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in adapter.tensors.items())
+    assert main(["adapters", "import", str(tmp_path / "m.safetensors"), "--name", "site-m"]) == 0
+    capsys.readouterr()
+    assert main(["adapters", "list", "--model", str(model_file)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("site-m "))
+    assert row.split()[1:4] == ["user", "moe", model.model_id[:12]] and " yes " in row
+    assert main(["adapters", "show", "site-m", "--model", str(model_file), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["kind"] == "moe" and shown["metadata"]["experts"] == 4
+    assert shown["trainable_parameters"] == adapter.trainable_parameters
 
 
 def test_the_pickle_fixture_really_runs_code_when_unpickled(tmp_path):

@@ -37,6 +37,9 @@ def test_quick_benchmark_runs_every_method_on_source_and_one_target(quick_run, c
     assert by["ge-3t", "adabn"]["trainable_parameters"] == 0
     assert 0 < by["ge-3t", "udas"]["trainable_parameters"] < by["ge-3t", "convlora"]["trainable_parameters"]
     assert by["ge-3t", "convlora"]["trainable_parameters"] < by["ge-3t", "full-ft"]["trainable_parameters"]
+    # MoE adapters: a smaller B (1x1) than ConvLoRA's, plus 8 experts and a gate per layer
+    assert by["ge-3t", "moe"]["trainable_parameters"] == by["ge-3t", "moe+adabn"]["trainable_parameters"] > 0
+    assert by["ge-3t", "moe"]["trainable_parameters"] != by["ge-3t", "convlora"]["trainable_parameters"]
     table = (out / "table.md").read_text()
     assert table.splitlines()[0].startswith("| profile | gap | source | adabn |")
     assert "| philips-3t |" in table and "trainable parameters" in table

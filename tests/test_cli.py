@@ -134,6 +134,35 @@ def test_adapt_to_explicit_path(capsys, tmp_path, small_path, model_file):
     assert code == 0, err
 
 
+def test_adapt_moe_kind_then_segment_with_it(capsys, tmp_path, small_path, model_file):
+    from napari_convlora.adapters import load_adapter
+
+    target = tmp_path / "m.safetensors"
+    argv = ["adapt", small_path, "-o", target, "--model", model_file, "--slices", 2, "--epochs", 1]
+    code, out, err = run(capsys, *argv, "--kind", "moe", "--experts", 2, "--json")
+    assert code == 0, err
+    result = _one_json(out)
+    assert result["kind"] == "moe" and result["trainable_parameters"] == load_adapter(target).trainable_parameters
+    meta = load_adapter(target).metadata
+    assert meta["kind"] == "moe" and meta["experts"] == 2
+    code, out, err = run(
+        capsys, "segment", small_path, "-o", tmp_path / "m.nii.gz", "--model", model_file, "--adapter", target, "--json"
+    )
+    assert code == 0, err
+
+
+def test_adapt_kind_usage_errors(capsys, tmp_path, small_path, model_file):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    argv = ["adapt", small_path, "-o", out_dir / "a.safetensors", "--model", model_file]
+    _expect_input_error(capsys, [*argv, "--experts", "4"], "--experts applies to --kind moe only", out_dir)
+    _expect_input_error(capsys, [*argv, "--kind", "lora"], "invalid choice: 'lora'", out_dir)
+    _expect_input_error(capsys, [*argv, "--kind", "moe", "--experts", "0"], "whole number of at least 1", out_dir)
+    to_library = ["adapt", small_path, "--name", "site-a", "--model", model_file, "--experts", "4"]
+    _expect_input_error(capsys, to_library, "--experts applies to --kind moe only")
+    assert not (tmp_path / "home").exists()  # refused before the library folder is made
+
+
 def test_evaluate_json_matches_known_figures(capsys):
     code, out, err = run(capsys, "evaluate", DATA / "colin27_mask_deepbet.nii.gz", SAMPLE_MASK, "--json")
     assert code == 0, err

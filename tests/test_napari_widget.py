@@ -97,6 +97,20 @@ def test_segment_sample_with_ground_truth(viewer_widget, qtbot, small_path, smal
     assert set(widget.last_metrics.rows) == {"mask: source", second[0]}
 
 
+def test_adapt_with_the_moe_kind(viewer_widget, qtbot, tmp_path):
+    viewer, widget = viewer_widget
+    assert widget.controls.kind_combo.currentText() == "convlora"  # the default
+    widget.controls.kind_combo.setCurrentText("moe")
+    widget.controls.slices_spin.setValue(2)
+    widget.controls.epochs_spin.setValue(1)
+    widget.controls.name_edit.setText("scanner-m")
+    widget.controls.adapt_button.click()
+    _wait_idle(qtbot, widget)
+    adapter = load_adapter(tmp_path / "home" / "adapters" / "scanner-m.safetensors")
+    assert adapter.metadata["kind"] == "moe" and adapter.metadata["experts"] == 8
+    assert "mask: scanner-m" in viewer.layers
+
+
 def test_adapt_saves_selects_and_segments(viewer_widget, qtbot, tmp_path, model_file):
     viewer, widget = viewer_widget
     widget.controls.slices_spin.setValue(2)

@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..adapters import ADAPTER_KINDS
 from ..device import DEVICE_CHOICES
 from .jobs import MetricsResult
 from .plots import LinePlot
@@ -95,6 +96,8 @@ class Controls(QWidget):
         self.lr_spin.setRange(1e-6, 1.0)
         self.lr_spin.setSingleStep(1e-5)
         self.lr_spin.setValue(1e-4)
+        self.kind_combo = QComboBox()  # convlora (mergeable, the default) or moe (Conv-LoRA with scale experts)
+        self.kind_combo.addItems(ADAPTER_KINDS)
         self.name_edit = QLineEdit()
         self.name_edit.setPlaceholderText("adapter name, e.g. philips-3t")
         self.adapt_button = QPushButton("Adapt")
@@ -107,6 +110,7 @@ class Controls(QWidget):
         form.addRow("which slices", self.slice_mode)
         form.addRow("epochs", self.epochs_spin)
         form.addRow("learning rate", self.lr_spin)
+        form.addRow("adapter kind", self.kind_combo)
         form.addRow("name", self.name_edit)
         form.addRow(self.adapt_button)
         form.addRow(self.adapt_status)

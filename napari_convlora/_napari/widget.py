@@ -284,6 +284,7 @@ class ConvLoRAWidget(QWidget):
             epochs=c.epochs_spin.value(),
             lr=float(c.lr_spin.value()),
             device=c.device_combo.currentText(),
+            kind=c.kind_combo.currentText(),
         )
         c.name_edit.setText(name)
         c.train_plot.clear()
