@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=_positive_float, default=1.0, help="surface Dice tolerance in mm")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    p = sub.add_parser("adapters", help="the adapter library: list, show, remove, import, export")
+    p = sub.add_parser("adapters", help="the adapter library: list, show, remove, rename, import, export")
     actions = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
     a = actions.add_parser("list", help="built-in and user adapters, and whether each fits the base model")
     a.add_argument("--model", type=Path, help="base model to check against (default: the shipped source model)")
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model", type=Path, help="base model to check against (default: the shipped source model)")
     a = actions.add_parser("remove", help="delete an adapter from the user library")
     a.add_argument("name")
+    a = actions.add_parser("rename", help="give a user adapter another library name")
+    a.add_argument("name")
+    a.add_argument("new_name")
     a = actions.add_parser("import", help="check an adapter file and copy it into the user library")
     a.add_argument("file", type=Path)
     a.add_argument("--name", help="library name (default: the name in the file)")
@@ -590,6 +593,9 @@ def cmd_adapters(args: argparse.Namespace) -> dict:
         return {"action": "show", **library.adapter_info(args.name, _load_base(args.model).model_id).to_json()}
     if args.action == "remove":
         return {"action": "remove", "name": args.name, "path": str(library.remove_adapter(args.name))}
+    if args.action == "rename":
+        path = library.rename_adapter(args.name, args.new_name)
+        return {"action": "rename", "name": args.name, "new_name": args.new_name, "path": str(path)}
     if args.action == "import":
         return {"action": "import", "file": str(args.file), **library.import_adapter(args.file, args.name).to_json()}
     path = library.export_adapter(args.name, args.file, overwrite=args.overwrite)
@@ -620,6 +626,8 @@ def _print_adapters(result: dict) -> None:
         print(f"{result['file']}: imported as {result['name']!r} ({result['path']})")
     elif action == "remove":
         print(f"{result['name']}: removed {result['path']}")
+    elif action == "rename":
+        print(f"{result['name']}: renamed to {result['new_name']!r} ({result['path']})")
     else:
         print(f"{result['name']}: exported to {result['path']}")
 

@@ -61,7 +61,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], overw
         if overwrite:
             os.replace(tmp, path)
         else:
-            _publish_new(tmp, path)
+            publish_new(tmp, path)
     except FileExistsError:
         raise InputError(f"{path}: already exists (pass --overwrite to replace it)") from None
     except PermissionError:
@@ -72,7 +72,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], overw
         tmp.unlink(missing_ok=True)
 
 
-def _publish_new(tmp: Path, path: Path) -> None:
+def publish_new(tmp: Path, path: Path) -> None:
+    """Give the file ``tmp`` the name ``path`` too (or instead, without hard links); never replaces ``path``.
+
+    Raises FileExistsError if ``path`` exists, even if it appeared a moment ago.
+    """
     try:
         os.link(tmp, path)  # fails with FileExistsError if someone else created path meanwhile
     except FileExistsError:

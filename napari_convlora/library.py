@@ -22,14 +22,14 @@ import platformdirs
 
 from .adapters import Adapter, load_adapter, save_adapter
 from .errors import InputError
-from .files import check_output_path
+from .files import check_output_path, publish_new
 
 RESOURCES = Path(str(files("napari_convlora.resources")))
 SOURCE_MODEL = RESOURCES / "source_model.safetensors"
 BUILTIN_ADAPTERS = RESOURCES / "adapters"
 ADAPTER_SUFFIX = ".safetensors"
 BUILTIN, USER = "builtin", "user"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def user_adapter_dir() -> Path:
@@ -40,7 +40,7 @@ def user_adapter_dir() -> Path:
 
 def check_name(name: str) -> str:
     """Adapter names become file names: letters, digits, '.', '_', '-' only."""
-    if not _NAME.match(name) or name.endswith(ADAPTER_SUFFIX):
+    if not NAME_PATTERN.match(name) or name.endswith(ADAPTER_SUFFIX):
         raise InputError(f"invalid adapter name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
     return name
 
@@ -124,7 +124,7 @@ def library_files() -> list[tuple[str, str, Path]]:
     for source, folder in ((BUILTIN, BUILTIN_ADAPTERS), (USER, user_adapter_dir())):
         if folder.is_dir():
             names = sorted(p.name[: -len(ADAPTER_SUFFIX)] for p in folder.glob(f"*{ADAPTER_SUFFIX}") if p.is_file())
-            found += [(n, source, folder / f"{n}{ADAPTER_SUFFIX}") for n in names if _NAME.match(n)]
+            found += [(n, source, folder / f"{n}{ADAPTER_SUFFIX}") for n in names if NAME_PATTERN.match(n)]
     return found
 
 
@@ -181,6 +181,27 @@ def remove_adapter(name: str) -> Path:
     return path
 
 
+def rename_adapter(name: str, new_name: str) -> Path:
+    """Give a user adapter another library name; built-ins are refused, and so is a name already taken.
+
+    Only the file name changes (the metadata keeps the name it was made with, so
+    a shared file stays byte-identical). The new name appears before the old one
+    goes (hard link, then unlink), so no moment has the adapter missing.
+    """
+    source, path = _find(name)
+    if source == BUILTIN:
+        raise InputError(f"{path}: {name!r} is a built-in adapter and cannot be renamed")
+    target = user_adapter_path(new_name, hint="choose another name")
+    try:
+        publish_new(path, target)
+        path.unlink(missing_ok=True)  # already gone where hard links are not supported (publish_new moved it)
+    except FileExistsError:
+        raise InputError(f"{target}: an adapter named {new_name!r} exists; choose another name") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot rename ({exc.strerror or exc})") from None
+    return target
+
+
 def user_adapter_path(name: str, overwrite: bool = False, hint: str = "choose another name") -> Path:
     """Where a new user adapter called ``name`` goes, creating the library folder; refuses names taken.
 
@@ -213,7 +234,7 @@ def import_adapter(file: str | os.PathLike, name: str | None = None) -> AdapterI
     adapter = load_adapter(file)
     if name is None:
         name = adapter.name
-        if not _NAME.match(name) or name.endswith(ADAPTER_SUFFIX):
+        if not NAME_PATTERN.match(name) or name.endswith(ADAPTER_SUFFIX):
             raise InputError(f"{file}: its name {name!r} cannot be a library name; pass --name NAME")
     path = user_adapter_path(name, hint=f"pass --name NEW_NAME to import {file} under another name")
     save_adapter(adapter, path)

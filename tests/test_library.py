@@ -277,3 +277,20 @@ def test_names_and_files_that_are_not_adapters_are_refused(capsys, tmp_path):
     assert "invalid adapter name" in refused(capsys, "adapters", "export", "../home", tmp_path / "x.safetensors")
     assert "required: action" in refused(capsys, "adapters")
     assert user_files(tmp_path) == []
+
+
+def test_rename_keeps_the_file_and_refuses_builtins_and_taken_names(capsys, tmp_path, builtin, shared):
+    run_json(capsys, "adapters", "import", shared)
+    other = save_adapter(trained_adapter(make_model(4), "b", seed=7), tmp_path / "b.safetensors")
+    run_json(capsys, "adapters", "import", other)
+    renamed = run_json(capsys, "adapters", "rename", "ge-15t", "site-b-ge")
+    assert Path(renamed["path"]) == tmp_path / "home" / "adapters" / "site-b-ge.safetensors"
+    assert Path(renamed["path"]).read_bytes() == shared.read_bytes()  # same bytes: metadata name unchanged
+    assert user_files(tmp_path) == ["b.safetensors", "site-b-ge.safetensors"]
+    assert "an adapter named 'b' exists" in refused(capsys, "adapters", "rename", "site-b-ge", "b")
+    assert "name of a built-in adapter" in refused(capsys, "adapters", "rename", "site-b-ge", "site-x")
+    assert "cannot be renamed" in refused(capsys, "adapters", "rename", "site-x", "mine")
+    assert "invalid adapter name" in refused(capsys, "adapters", "rename", "b", "../escape")
+    assert user_files(tmp_path) == ["b.safetensors", "site-b-ge.safetensors"] and builtin.is_file()
+    code, out, _ = run(capsys, "adapters", "rename", "b", "c")
+    assert code == 0 and out.startswith("b: renamed to 'c'")

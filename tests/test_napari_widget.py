@@ -256,3 +256,53 @@ def test_gui_launcher_opens_the_widget_with_the_sample(qtbot, model_file):
         assert widget.model_path == model_file
     finally:
         viewer.close()
+
+
+def test_library_actions_import_rename_export_remove(viewer_widget, tmp_path, monkeypatch):
+    from napari_convlora._napari import widget as widget_module
+    from napari_convlora.adapters import save_adapter
+
+    from .conftest import make_model
+    from .test_adapter_files import trained_adapter
+
+    _, widget = viewer_widget
+    messages = []
+    monkeypatch.setattr(widget_module, "show_error", messages.append)
+    library = tmp_path / "home" / "adapters"
+    shared = save_adapter(trained_adapter(make_model(4), "site-a"), tmp_path / "from-site-a.safetensors")
+
+    assert widget.import_adapter(shared) == library / "site-a.safetensors"
+    assert widget.controls.adapter_combo.currentText() == "site-a"  # imported and selected
+    # the same file again: the name is taken, so the widget asks for another one
+    asked = []
+    monkeypatch.setattr(
+        widget_module.QInputDialog, "getText", lambda *args, **kw: asked.append(kw["text"]) or ("site-a2", True)
+    )
+    assert widget.import_adapter(shared) == library / "site-a2.safetensors" and asked == ["site-a-2"]
+
+    assert widget.rename_adapter("site-b") == library / "site-b.safetensors"
+    assert sorted(p.name for p in library.iterdir()) == ["site-a.safetensors", "site-b.safetensors"]
+    assert widget.controls.adapter_combo.currentText() == "site-b"
+
+    exported = widget.export_adapter(tmp_path / "to-site-c.safetensors")
+    assert exported == tmp_path / "to-site-c.safetensors" and load_adapter(exported).name == "site-a"
+
+    monkeypatch.setattr(widget_module.QMessageBox, "question", lambda *a: widget_module.QMessageBox.StandardButton.Yes)
+    widget._remove_dialog()
+    assert sorted(p.name for p in library.iterdir()) == ["site-a.safetensors"]
+    assert widget.controls.adapter_combo.findText("site-b") == -1
+
+    # refusals are notifications and change nothing
+    widget.controls.select_adapter(jobs.SOURCE_LABEL)
+    assert widget.remove_adapter() is None and "choose an adapter of the library" in messages[-1]
+    builtins = [i for i in range(widget.controls.adapter_combo.count()) if "(built-in)" in
+                widget.controls.adapter_combo.itemText(i)]  # fmt: skip
+    if builtins:
+        widget.controls.adapter_combo.setCurrentIndex(builtins[0])
+        assert widget.rename_adapter("mine") is None and "built-in adapter" in messages[-1]
+    widget.controls.select_adapter(str(library / "site-a.safetensors"))
+    assert widget.rename_adapter("bad name!") is None and "invalid adapter name" in messages[-1]
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not an adapter")
+    assert widget.import_adapter(broken) is None and str(broken) in messages[-1]
+    assert sorted(p.name for p in library.iterdir()) == ["site-a.safetensors"]

@@ -79,6 +79,13 @@ class Controls(QWidget):
         self.segment_button = QPushButton("Segment")
         self.status = _label("ready")
         form.addRow("adapter", _row(self.adapter_combo, self.refresh_button))
+        self.import_button = QPushButton("Import...")
+        self.export_adapter_button = QPushButton("Export...")
+        self.rename_button = QPushButton("Rename...")
+        self.remove_button = QPushButton("Remove")
+        form.addRow(
+            "library", _row(self.import_button, self.export_adapter_button, self.rename_button, self.remove_button)
+        )
         form.addRow(self.errors_check)
         form.addRow(self.segment_button)
         form.addRow(self.status)

@@ -20,14 +20,16 @@ from napari.layers import Image, Labels
 from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QEvent, QObject, Qt
-from qtpy.QtWidgets import QFileDialog, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QFileDialog, QInputDialog, QMessageBox, QScrollArea, QVBoxLayout, QWidget
 
+from .. import library
 from ..adapt import AdaptConfig, EpochReport, StepReport
+from ..adapters import load_adapter
 from ..device import pick_device
 from ..errors import InputError
 from ..files import atomic_write, check_output_path
 from ..inference import SegmentProgress
-from ..library import check_name, default_model_path
+from ..library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, check_name, default_model_path
 from ..review import upright_view
 from . import jobs
 from .controls import AROUND, NO_GT, Controls
@@ -91,6 +93,10 @@ class ConvLoRAWidget(QWidget):
         c.model_button.clicked.connect(self._choose_model)
         c.device_combo.currentTextChanged.connect(self._show_device)
         c.refresh_button.clicked.connect(self.refresh_adapters)
+        c.import_button.clicked.connect(self._import_dialog)
+        c.export_adapter_button.clicked.connect(self._export_dialog)
+        c.rename_button.clicked.connect(self._rename_dialog)
+        c.remove_button.clicked.connect(self._remove_dialog)
         c.segment_button.clicked.connect(lambda: self.segment())
         c.adapt_button.clicked.connect(self.adapt_or_cancel)
         c.slice_list.itemDoubleClicked.connect(lambda _item: self._jump_to_chosen())
@@ -119,6 +125,111 @@ class ConvLoRAWidget(QWidget):
         entries = [(jobs.SOURCE_LABEL, jobs.SOURCE_LABEL), (jobs.AUTO_LABEL, jobs.AUTO_LABEL)]
         entries += [(f"{n} (built-in)" if builtin else n, str(p)) for n, p, builtin in jobs.library_files()]
         self.controls.show_adapters(entries)
+
+    # ---------------------------------------------------------------- adapter library
+    def _library_choice(self, user_only: bool) -> str:
+        """The library name of the adapter chosen in the list; refuses source/auto (and built-ins if ``user_only``)."""
+        spec = self.controls.adapter_combo.currentData()
+        path = Path(spec or "")
+        if path.suffix != ADAPTER_SUFFIX:
+            raise InputError("choose an adapter of the library in the list first")
+        name = path.name.removesuffix(ADAPTER_SUFFIX)
+        if user_only and path.parent == BUILTIN_ADAPTERS:
+            raise InputError(f"{name!r} is a built-in adapter; built-ins cannot be renamed or removed")
+        return name
+
+    def _library_action(self, action, *args) -> object | None:
+        """Run a library function; errors become notifications, success refreshes the list."""
+        try:
+            result = action(*args)
+        except InputError as exc:
+            self._notify_error(exc)
+            return None
+        self.refresh_adapters()
+        return result
+
+    def import_adapter(self, file: str | Path) -> Path | None:
+        """Check ``file`` and copy it into the user library; a name already taken asks for another one."""
+        try:
+            name = load_adapter(file).name
+        except InputError as exc:
+            self._notify_error(exc)
+            return None
+        usable = library.NAME_PATTERN.match(name) and not name.endswith(ADAPTER_SUFFIX)
+        if not usable or library.named_adapter_path(name) is not None:
+            name, ok = QInputDialog.getText(
+                self, "Import adapter", f"The name {name!r} is taken or not usable; library name:", text=f"{name}-2"
+            )
+            if not ok or not name:
+                return None
+        info = self._library_action(library.import_adapter, file, name)
+        if info is None:
+            return None
+        self.controls.select_adapter(str(info.path))
+        show_info(f"napari-convlora: imported {file} as {info.name!r}")
+        return info.path
+
+    def export_adapter(self, file: str | Path) -> Path | None:
+        """Write the chosen adapter to ``file`` (replacing it: the save dialog asked)."""
+        try:
+            name = self._library_choice(user_only=False)
+        except InputError as exc:
+            self._notify_error(exc)
+            return None
+        path = self._library_action(library.export_adapter, name, file, True)
+        if path is not None:
+            show_info(f"napari-convlora: adapter {name!r} exported to {path}")
+        return path
+
+    def rename_adapter(self, new_name: str) -> Path | None:
+        try:
+            name = self._library_choice(user_only=True)
+        except InputError as exc:
+            self._notify_error(exc)
+            return None
+        path = self._library_action(library.rename_adapter, name, new_name)
+        if path is not None:
+            self.controls.select_adapter(str(path))
+        return path
+
+    def remove_adapter(self) -> Path | None:
+        try:
+            name = self._library_choice(user_only=True)
+        except InputError as exc:
+            self._notify_error(exc)
+            return None
+        return self._library_action(library.remove_adapter, name)
+
+    def _import_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import adapter", "", "adapters (*.safetensors)")
+        if path:
+            self.import_adapter(path)
+
+    def _export_dialog(self) -> None:
+        name = Path(self.controls.adapter_combo.currentData() or "").name
+        path, _ = QFileDialog.getSaveFileName(self, "Export adapter", name, "adapters (*.safetensors)")
+        if path:
+            self.export_adapter(path if path.endswith(ADAPTER_SUFFIX) else f"{path}{ADAPTER_SUFFIX}")
+
+    def _rename_dialog(self) -> None:
+        try:
+            name = self._library_choice(user_only=True)
+        except InputError as exc:
+            self._notify_error(exc)
+            return
+        new_name, ok = QInputDialog.getText(self, "Rename adapter", f"New library name for {name!r}:", text=name)
+        if ok and new_name and new_name != name:
+            self.rename_adapter(new_name)
+
+    def _remove_dialog(self) -> None:
+        try:
+            name = self._library_choice(user_only=True)
+        except InputError as exc:
+            self._notify_error(exc)
+            return
+        answer = QMessageBox.question(self, "Remove adapter", f"Delete the adapter {name!r} from your library?")
+        if answer == QMessageBox.StandardButton.Yes:
+            self.remove_adapter()
 
     def _show_device(self, *_: object) -> None:
         choice = self.controls.device_combo.currentText()
