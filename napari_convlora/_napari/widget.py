@@ -127,16 +127,17 @@ class ConvLoRAWidget(QWidget):
         self.controls.show_adapters(entries)
 
     # ---------------------------------------------------------------- adapter library
-    def _library_choice(self, user_only: bool) -> str:
-        """The library name of the adapter chosen in the list; refuses source/auto (and built-ins if ``user_only``)."""
-        spec = self.controls.adapter_combo.currentData()
-        path = Path(spec or "")
-        if path.suffix != ADAPTER_SUFFIX:
-            raise InputError("choose an adapter of the library in the list first")
+    def _library_choice(self, user_only: bool) -> str | None:
+        """The chosen adapter's library name; None, with a notification, for source/auto (or built-in if user_only)."""
+        path = Path(self.controls.adapter_combo.currentData() or "")
         name = path.name.removesuffix(ADAPTER_SUFFIX)
-        if user_only and path.parent == BUILTIN_ADAPTERS:
-            raise InputError(f"{name!r} is a built-in adapter; built-ins cannot be renamed or removed")
-        return name
+        if path.suffix != ADAPTER_SUFFIX:
+            self._notify_error(InputError("choose an adapter of the library in the list first"))
+        elif user_only and path.parent == BUILTIN_ADAPTERS:
+            self._notify_error(InputError(f"{name!r} is a built-in adapter; built-ins cannot be renamed or removed"))
+        else:
+            return name
+        return None
 
     def _library_action(self, action, *args) -> object | None:
         """Run a library function; errors become notifications, success refreshes the list."""
@@ -171,10 +172,8 @@ class ConvLoRAWidget(QWidget):
 
     def export_adapter(self, file: str | Path) -> Path | None:
         """Write the chosen adapter to ``file`` (replacing it: the save dialog asked)."""
-        try:
-            name = self._library_choice(user_only=False)
-        except InputError as exc:
-            self._notify_error(exc)
+        name = self._library_choice(user_only=False)
+        if name is None:
             return None
         path = self._library_action(library.export_adapter, name, file, True)
         if path is not None:
@@ -182,10 +181,8 @@ class ConvLoRAWidget(QWidget):
         return path
 
     def rename_adapter(self, new_name: str) -> Path | None:
-        try:
-            name = self._library_choice(user_only=True)
-        except InputError as exc:
-            self._notify_error(exc)
+        name = self._library_choice(user_only=True)
+        if name is None:
             return None
         path = self._library_action(library.rename_adapter, name, new_name)
         if path is not None:
@@ -193,12 +190,8 @@ class ConvLoRAWidget(QWidget):
         return path
 
     def remove_adapter(self) -> Path | None:
-        try:
-            name = self._library_choice(user_only=True)
-        except InputError as exc:
-            self._notify_error(exc)
-            return None
-        return self._library_action(library.remove_adapter, name)
+        name = self._library_choice(user_only=True)
+        return None if name is None else self._library_action(library.remove_adapter, name)
 
     def _import_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Import adapter", "", "adapters (*.safetensors)")
@@ -212,20 +205,16 @@ class ConvLoRAWidget(QWidget):
             self.export_adapter(path if path.endswith(ADAPTER_SUFFIX) else f"{path}{ADAPTER_SUFFIX}")
 
     def _rename_dialog(self) -> None:
-        try:
-            name = self._library_choice(user_only=True)
-        except InputError as exc:
-            self._notify_error(exc)
+        name = self._library_choice(user_only=True)
+        if name is None:
             return
         new_name, ok = QInputDialog.getText(self, "Rename adapter", f"New library name for {name!r}:", text=name)
         if ok and new_name and new_name != name:
             self.rename_adapter(new_name)
 
     def _remove_dialog(self) -> None:
-        try:
-            name = self._library_choice(user_only=True)
-        except InputError as exc:
-            self._notify_error(exc)
+        name = self._library_choice(user_only=True)
+        if name is None:
             return
         answer = QMessageBox.question(self, "Remove adapter", f"Delete the adapter {name!r} from your library?")
         if answer == QMessageBox.StandardButton.Yes:
