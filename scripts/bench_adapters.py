@@ -38,6 +38,12 @@ def logits(unet: torch.nn.Module, stack: np.ndarray) -> tuple[np.ndarray, float]
     return out, time.perf_counter() - start
 
 
+def timed(unet: torch.nn.Module, stack: np.ndarray, repeats: int) -> tuple[np.ndarray, float]:
+    """Logits of a first (warm-up) pass, and the median seconds of ``repeats`` passes after it."""
+    out, _ = logits(unet, stack)
+    return out, statistics.median(logits(unet, stack)[1] for _ in range(repeats))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=SOURCE_MODEL)
@@ -54,7 +60,7 @@ def main() -> None:
         f"parameters; torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"{stack.shape[0]} slices of {stack.shape[1]}x{stack.shape[2]}"
     )
-    source_s = statistics.median(logits(base.copy().unet, stack)[1] for _ in range(args.repeats))
+    _, source_s = timed(base.copy().unet, stack, args.repeats)
     print(f"  source model: whole stack {source_s:.2f} s ({source_s / len(stack) * 1000:.1f} ms/slice)")
     for path in sorted(args.adapters.glob(f"*{ADAPTER_SUFFIX}")):
         switch = []
@@ -64,10 +70,8 @@ def main() -> None:
             merged = apply_adapter(base, adapter, merge=True)
             switch.append(time.perf_counter() - start)
         unmerged = apply_adapter(base, adapter, merge=False)
-        merged_out, _ = logits(merged, stack)
-        unmerged_out, _ = logits(unmerged, stack)
-        merged_s = statistics.median(logits(merged, stack)[1] for _ in range(args.repeats))
-        unmerged_s = statistics.median(logits(unmerged, stack)[1] for _ in range(args.repeats))
+        merged_out, merged_s = timed(merged, stack, args.repeats)
+        unmerged_out, unmerged_s = timed(unmerged, stack, args.repeats)
         size = path.stat().st_size
         print(
             f"  {path.stem} ({adapter.metadata.get('kind')}): {size / 1e3:.0f} kB "
