@@ -4,10 +4,14 @@ We cannot ship CC359, the paper's multi-scanner data set, so each *simulated*
 profile below imitates one of its six domains (GE, Philips, Siemens at 1.5 T and
 3 T) by a physics-inspired chain applied to a real head:
 
-1. tissue contrast: a piecewise-linear map of normalised intensity (anchored
-   at the tissue peaks of a real T1 head: CSF ~0.2, grey matter ~0.42, white
-   matter ~0.55, fat/marrow 0.7 to 1), monotone for some profiles and non-monotone for others, so the
-   grey/white/CSF/fat/skull contrast really changes;
+1. tissue contrast: a piecewise-linear map of normalised intensity, monotone
+   for some profiles and non-monotone for others, so the grey/white/CSF/fat/skull
+   contrast really changes. Its control points sit at the tissue peaks of the
+   shared Colin27 head (CSF ~0.2, grey matter ~0.42, white matter ~0.55 to 0.6,
+   fat/marrow 0.7 to 1); on any other head the map is carried to that head's
+   own tissues (its white-matter peak, :func:`~napari_convlora.geometry.white_matter_peak`),
+   so that a profile gives every head the same contrast, not one that depends
+   on how bright its scalp fat happens to be;
 2. resolution: Gaussian blur with a different width per axis (thicker slices),
    then resampling to the profile's stored voxel size;
 3. field of view: the head shifted inside a larger or smaller box (with more
@@ -33,7 +37,7 @@ from nibabel import orientations
 from scipy import ndimage
 
 from .errors import InputError
-from .geometry import scale_intensity, to_ras_order
+from .geometry import scale_intensity, to_ras_order, white_matter_peak
 from .nifti import Volume
 
 
@@ -134,6 +138,8 @@ PROFILES: dict[str, Profile] = {
     )
 }
 SOURCE_PROFILE = "ge-3t"
+# white_matter_peak() of the shared Colin27 head, on which the control points above were placed.
+REFERENCE_WHITE_MATTER = 0.604
 
 
 def get_profile(name: str) -> Profile:
@@ -162,9 +168,18 @@ def _target_grid(volume: Volume, profile: Profile, ras_spacing: np.ndarray) -> t
     return tuple(shape), affine
 
 
-def _intensity_map(x: np.ndarray, points: tuple[tuple[float, float], ...]) -> np.ndarray:
+def _intensity_map(x: np.ndarray, points: tuple[tuple[float, float], ...], white_matter: float) -> np.ndarray:
+    """The profile's contrast map carried to this head: rescale to the reference head, map, scale back.
+
+    Dividing by the head's white-matter level puts each tissue where the control
+    points expect it (tissue at t times white matter goes to t times the
+    reference's white matter, whatever the head's scalp fat did to the scale);
+    multiplying back keeps the head's own overall brightness, so the source
+    profile's identity map leaves the head as it is.
+    """
     xs, ys = zip(*points, strict=True)
-    return np.interp(x, xs, ys).astype(np.float32)
+    factor = REFERENCE_WHITE_MATTER / white_matter
+    return (np.interp(x * factor, xs, ys) / factor).astype(np.float32)
 
 
 def _bias_field(shape: tuple[int, ...], strength: float, rng: np.random.Generator) -> np.ndarray:
@@ -188,7 +203,9 @@ def simulate(volume: Volume, mask: Volume | None, profile_name: str, seed: int =
         raise InputError(f"{mask.path}: the mask is not on the voxel grid of {volume.path}")
     rng = np.random.default_rng([seed, zlib.crc32(profile.name.encode())])
     spacing = np.asarray(volume.spacing)
-    image = _intensity_map(scale_intensity(volume.data), profile.contrast)
+    scaled = scale_intensity(volume.data)
+    white_matter = float(np.clip(white_matter_peak(scaled), 0.05, 0.95))
+    image = _intensity_map(scaled, profile.contrast, white_matter)
     ornt = orientations.io_orientation(volume.affine)
     sigma_vox = [0.0, 0.0, 0.0]
     for file_axis, (ras_axis, _) in enumerate(ornt):
@@ -202,7 +219,7 @@ def simulate(volume: Volume, mask: Volume | None, profile_name: str, seed: int =
         image, to_source[:3, :3], to_source[:3, 3], output_shape=shape, order=1, mode="constant", cval=0.0
     )
     resampled *= _bias_field(shape, profile.bias, rng)
-    sigma = 0.75 / profile.snr  # white matter sits near 0.75 after scaling
+    sigma = float(_intensity_map(np.float32(white_matter), profile.contrast, white_matter)) / profile.snr
     noisy = np.sqrt((resampled + rng.normal(0, sigma, shape)) ** 2 + rng.normal(0, sigma, shape) ** 2)
     stored = np.round(np.clip(noisy, 0, None) * 1000).astype(np.int16)
     header = nib.Nifti1Header()

@@ -10,8 +10,9 @@ import pytest
 
 from napari_convlora.cli import main
 from napari_convlora.errors import InputError
-from napari_convlora.nifti import load_mask, load_volume
-from napari_convlora.simulate import PROFILES, SOURCE_PROFILE, simulate
+from napari_convlora.geometry import scale_intensity, white_matter_peak
+from napari_convlora.nifti import Volume, load_mask, load_volume
+from napari_convlora.simulate import PROFILES, REFERENCE_WHITE_MATTER, SOURCE_PROFILE, simulate
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,36 @@ def test_masks_follow_the_geometry_only(head, simulated):
         assert abs(ml - brain_ml) / brain_ml < 0.05, name  # same brain, resampled
         # The brain is brighter than the background in every simulated scan.
         assert sim.data[sim_mask.data > 0].mean() > 2 * sim.data[sim_mask.data == 0].mean(), name
+
+
+def test_a_profile_gives_every_head_the_same_contrast(head):
+    """A head whose bright fat is dimmed sits higher on the scaled range; its tissues must still get the same map.
+
+    Before the map was carried to each head's white matter, the same profile gave
+    such a head a grey/white ratio of 1.38 where the original got 0.88 (philips-1.5t).
+    """
+    volume, mask = head
+    raw, brain = volume.data.astype(np.float32), mask.data > 0
+    top = np.percentile(raw[brain], 99.5)
+    dim_fat = Volume(np.where(raw > top, top + 0.3 * (raw - top), raw), volume.affine, volume.header, None)
+    scaled = scale_intensity(raw)
+    assert white_matter_peak(scale_intensity(dim_fat.data)) > 1.25 * white_matter_peak(scaled)
+    relative = scaled / white_matter_peak(scaled)
+    grey = Volume((brain & (relative > 0.7) & (relative < 0.8)).astype(np.uint8), volume.affine, volume.header, None)
+    white = Volume((brain & (relative > 0.9) & (relative < 1.0)).astype(np.uint8), volume.affine, volume.header, None)
+    for name in ("philips-1.5t", "siemens-3t"):
+        ratios = []
+        for head_volume in (volume, dim_fat):
+            scan, grey_there = simulate(head_volume, grey, name, seed=0)
+            _, white_there = simulate(head_volume, white, name, seed=0)
+            ratios.append(scan.data[grey_there.data > 0].mean() / scan.data[white_there.data > 0].mean())
+        assert ratios[0] == pytest.approx(ratios[1], abs=0.02), name
+
+
+def test_reference_white_matter_is_the_sample_heads(sample_img):
+    """The control points were placed on Colin27 (the bundled sample): its map is the profile's own."""
+    scaled = scale_intensity(np.asarray(sample_img.dataobj, dtype=np.float32))
+    assert white_matter_peak(scaled) == pytest.approx(REFERENCE_WHITE_MATTER, abs=0.005)
 
 
 def test_unknown_profile_is_refused(head):
