@@ -77,7 +77,7 @@ PROFILES: dict[str, Profile] = {
         ),
         Profile(
             "ge-1.5t",
-            "simulated GE 1.5 T: flat grey/white contrast, CSF nearly as bright as grey matter, dull fat, noisy, 1.2 mm slices",
+            "simulated GE 1.5 T: flat grey/white contrast, CSF near grey matter, dull fat, noisy, 1.2 mm slices",
             ((0.0, 0.0), (0.2, 0.44), (0.42, 0.46), (0.55, 0.54), (0.75, 0.58), (1.0, 0.66)),
             (0.6, 0.3, 0.3),
             (1.2, 1.0, 1.0),
