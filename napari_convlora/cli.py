@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--intensity-scaling",
         choices=list(INTENSITY_SCALINGS),
-        default="white-matter",
+        default="tissue",
         help="how inputs are scaled, recorded in the weights file ('percentile': models made before 2026-11-24)",
     )
     p.add_argument("--seed", type=_seed, default=0)

@@ -167,7 +167,7 @@ class BaseModel:
         return self
 
 
-def build_model(base_width: int = 16, intensity_scaling: str = "white-matter") -> BaseModel:
+def build_model(base_width: int = 16, intensity_scaling: str = "tissue") -> BaseModel:
     """A freshly initialised (untrained) model, for inputs scaled by ``intensity_scaling``."""
     if intensity_scaling not in INTENSITY_SCALINGS:
         choices = ", ".join(INTENSITY_SCALINGS)

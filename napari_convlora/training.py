@@ -48,7 +48,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 50
-    intensity_scaling: str = "white-matter"  # a key of geometry.INTENSITY_SCALINGS, recorded in the model file
+    intensity_scaling: str = "tissue"  # a key of geometry.INTENSITY_SCALINGS, recorded in the model file
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class Head:
     intensity_scaling: str
 
 
-def load_heads(pairs: Sequence[tuple[Path, Path]], intensity_scaling: str = "white-matter") -> list[Head]:
+def load_heads(pairs: Sequence[tuple[Path, Path]], intensity_scaling: str = "tissue") -> list[Head]:
     heads = []
     for t1_path, mask_path in pairs:
         volume, mask = load_volume(t1_path), load_mask(mask_path)

@@ -47,9 +47,9 @@ def test_save_load_roundtrip_keeps_id_and_predictions(tmp_path):
 
 def test_intensity_scaling_is_recorded_and_older_files_read_as_percentile(tmp_path):
     model = make_model(4, seed=3)
-    assert model.intensity_scaling == "white-matter"  # what new models train with
+    assert model.intensity_scaling == "tissue"  # what new models train with
     save_model(model, tmp_path / "m.safetensors")
-    assert load_model(tmp_path / "m.safetensors").intensity_scaling == "white-matter"
+    assert load_model(tmp_path / "m.safetensors").intensity_scaling == "tissue"
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "convlora-model", "format_version": 1, "architecture": model.metadata["architecture"]}
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"convlora": json.dumps(meta)})
