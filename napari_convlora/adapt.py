@@ -207,7 +207,7 @@ def adapt(
     config.check()
     start = time.perf_counter()
     device = pick_device(config.device)
-    geometry, scaled = plan(volume)
+    geometry, scaled = plan(volume, base.intensity_scaling)
     stack = geometry.to_model(scaled)
     indices = slices_for(stack, config)
     images = torch.from_numpy(stack[indices][:, None].copy()).to(device)

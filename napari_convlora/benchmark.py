@@ -146,7 +146,7 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
             _with_unet(base.copy(), apply_adapter(base, done.adapter)), done.adapter.trainable_parameters, done.seconds
         )
     device = pick_device(config.device)
-    geometry, scaled = plan(volume)
+    geometry, scaled = plan(volume, base.intensity_scaling)
     stack = geometry.to_model(scaled)
     indices = slices_for(stack, config)
     images = torch.from_numpy(stack[indices][:, None].copy()).to(device)

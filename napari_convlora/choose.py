@@ -109,7 +109,7 @@ def choose_adapter(
     if criterion not in CRITERIA:
         raise InputError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
     torch_device = pick_device(device)
-    geometry, scaled = plan(volume)
+    geometry, scaled = plan(volume, base.intensity_scaling)
     stack = geometry.to_model(scaled)
     images = torch.from_numpy(stack[select_slices(stack, slices)][:, None].copy()).to(torch_device)
     head = base.copy().head.to(torch_device).eval()

@@ -56,6 +56,7 @@ def _seed(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .adapters import ADAPTER_KINDS
     from .device import DEVICE_CHOICES
+    from .geometry import INTENSITY_SCALINGS
 
     parser = _Parser(prog="convlora", description="Skull stripping with per-scanner ConvLoRA adapters.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -132,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--lr", type=_positive_float, default=1e-3)
     p.add_argument("--width", type=_positive_int, default=16, help="base width of the U-Net (16 in the paper)")
+    p.add_argument(
+        "--intensity-scaling",
+        choices=list(INTENSITY_SCALINGS),
+        default="tissue",
+        help="how inputs are scaled, recorded in the weights file ('percentile': models made before 2026-11-24)",
+    )
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--checkpoint", type=Path, help="resumable checkpoint (default: OUTPUT.checkpoint)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
@@ -344,6 +351,7 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
         width=args.width,
         seed=args.seed,
         device=args.device,
+        intensity_scaling=args.intensity_scaling,
     )
     # The code that trains is the code checked out now, not whatever HEAD is when training ends.
     try:
@@ -355,7 +363,7 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
         )
     except OSError:
         revision = None
-    heads = load_heads([(Path(t1), Path(mask)) for t1, mask in args.head])
+    heads = load_heads([(Path(t1), Path(mask)) for t1, mask in args.head], config.intensity_scaling)
     bar = _progress_bar("training")
     done = None
     for report in train_source(heads, config, checkpoint):

@@ -83,7 +83,7 @@ def iter_segment(
     start = time.perf_counter()
     torch_device = pick_device(device)
     unet = apply_adapter(base, adapter)  # a copy: the base model is never touched
-    geometry, scaled = plan(volume)
+    geometry, scaled = plan(volume, base.intensity_scaling)
     stack = geometry.to_model(scaled)
     logits = np.empty_like(stack)
     for first, batch in predict_logits(unet, stack, torch_device, batch_size):

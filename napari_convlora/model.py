@@ -32,6 +32,7 @@ from torch import nn
 
 from .errors import InputError
 from .files import atomic_write
+from .geometry import INTENSITY_SCALINGS, LEGACY_SCALING
 
 MODEL_FORMAT = "convlora-model"
 MODEL_FORMAT_VERSION = 1
@@ -152,6 +153,11 @@ class BaseModel:
         tensors.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
         return tensors
 
+    @property
+    def intensity_scaling(self) -> str:
+        """How this model's inputs are scaled (:data:`~napari_convlora.geometry.INTENSITY_SCALINGS`)."""
+        return self.metadata.get("intensity_scaling", LEGACY_SCALING)
+
     def copy(self) -> BaseModel:
         return BaseModel(copy.deepcopy(self.unet), copy.deepcopy(self.head), copy.deepcopy(self.metadata), self.path)
 
@@ -161,10 +167,14 @@ class BaseModel:
         return self
 
 
-def build_model(base_width: int = 16) -> BaseModel:
-    """A freshly initialised (untrained) model."""
+def build_model(base_width: int = 16, intensity_scaling: str = "tissue") -> BaseModel:
+    """A freshly initialised (untrained) model, for inputs scaled by ``intensity_scaling``."""
+    if intensity_scaling not in INTENSITY_SCALINGS:
+        choices = ", ".join(INTENSITY_SCALINGS)
+        raise InputError(f"unknown intensity scaling {intensity_scaling!r}; choose one of {choices}")
     unet = UNet2D(base_width)
-    return BaseModel(unet, EarlyHead(8 * base_width), {"architecture": architecture(base_width)})
+    metadata = {"architecture": architecture(base_width), "intensity_scaling": intensity_scaling}
+    return BaseModel(unet, EarlyHead(8 * base_width), metadata)
 
 
 def architecture(base_width: int) -> dict:
@@ -193,6 +203,7 @@ def save_model(model: BaseModel, path: str | os.PathLike, training: dict | None 
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,
         "architecture": architecture(model.unet.base_width),
+        "intensity_scaling": model.intensity_scaling,
         "model_id": model_id,
         "training": training if training is not None else model.metadata.get("training", {}),
     }
@@ -252,7 +263,10 @@ def load_model(path: str | os.PathLike) -> BaseModel:
         or arch["base_width"] < 1
     ):
         raise InputError(f"{path}: unknown architecture {arch!r}")
-    model = build_model(arch["base_width"])
+    scaling = metadata.get("intensity_scaling", LEGACY_SCALING)
+    if scaling not in INTENSITY_SCALINGS:
+        raise InputError(f"{path}: unknown intensity scaling {scaling!r}")
+    model = build_model(arch["base_width"], scaling)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:

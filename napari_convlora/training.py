@@ -48,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 50
+    intensity_scaling: str = "tissue"  # a key of geometry.INTENSITY_SCALINGS, recorded in the model file
 
 
 @dataclass(frozen=True)
@@ -72,18 +73,19 @@ class Head:
 
     images: np.ndarray
     masks: np.ndarray
+    intensity_scaling: str
 
 
-def load_heads(pairs: Sequence[tuple[Path, Path]]) -> list[Head]:
+def load_heads(pairs: Sequence[tuple[Path, Path]], intensity_scaling: str = "tissue") -> list[Head]:
     heads = []
     for t1_path, mask_path in pairs:
         volume, mask = load_volume(t1_path), load_mask(mask_path)
         if mask.data.shape != volume.data.shape or not np.allclose(mask.affine, volume.affine, atol=1e-3):
             raise InputError(f"{mask_path}: not on the voxel grid of {t1_path}")
-        geometry, scaled = plan(volume)
+        geometry, scaled = plan(volume, intensity_scaling)
         images = geometry.to_model(scaled)
         masks = geometry.to_model(geometry.to_ras(mask.data).astype(np.float32), order=1) > 0.5
-        heads.append(Head(images, masks.astype(np.float32)))
+        heads.append(Head(images, masks.astype(np.float32), intensity_scaling))
     return heads
 
 
@@ -229,8 +231,10 @@ def train_source(
     """Train U-Net then early head; yield a report per step and finally :class:`TrainDone`."""
     start = time.perf_counter()
     device = pick_device(config.device)
+    if any(h.intensity_scaling != config.intensity_scaling for h in heads):
+        raise InputError(f"the heads were not scaled with {config.intensity_scaling!r}, the scaling asked for")
     torch.manual_seed(config.seed)
-    model = build_model(config.width)
+    model = build_model(config.width, config.intensity_scaling)
     settings = _resumable(config, heads_sha256(heads))
     phase, done_steps, moments = "unet", 0, {}
     if checkpoint is not None and checkpoint.exists():

@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     base, volume = load_model(args.model), load_volume(args.volume)
-    geometry, scaled = plan(volume)
+    geometry, scaled = plan(volume, base.intensity_scaling)
     stack = geometry.to_model(scaled)
     model_bytes = args.model.stat().st_size
     print(

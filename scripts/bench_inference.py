@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     base, volume = load_model(args.model), load_volume(args.volume)
     width = base.metadata["architecture"]["base_width"]
-    geometry, scaled = plan(volume)
+    geometry, scaled = plan(volume, base.intensity_scaling)
     stack = geometry.to_model(scaled)
     print(
         f"model width {width}, torch {torch.__version__}, {torch.get_num_threads()} threads; "

@@ -16,8 +16,8 @@ from napari_convlora.geometry import plan
 from .conftest import make_model
 
 
-def _images(volume, n):
-    geometry, scaled = plan(volume)
+def _images(volume, n, scaling="tissue"):
+    geometry, scaled = plan(volume, scaling)
     stack = geometry.to_model(scaled)
     return geometry, torch.from_numpy(stack[select_slices(stack, n)][:, None].copy())
 

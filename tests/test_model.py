@@ -45,6 +45,21 @@ def test_save_load_roundtrip_keeps_id_and_predictions(tmp_path):
         assert torch.equal(loaded.unet(x), model.unet(x))
 
 
+def test_intensity_scaling_is_recorded_and_older_files_read_as_percentile(tmp_path):
+    model = make_model(4, seed=3)
+    assert model.intensity_scaling == "tissue"  # what new models train with
+    save_model(model, tmp_path / "m.safetensors")
+    assert load_model(tmp_path / "m.safetensors").intensity_scaling == "tissue"
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "convlora-model", "format_version": 1, "architecture": model.metadata["architecture"]}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"convlora": json.dumps(meta)})
+    assert load_model(tmp_path / "old.safetensors").intensity_scaling == "percentile"
+    meta["intensity_scaling"] = "z-score"
+    save_file(tensors, str(tmp_path / "odd.safetensors"), metadata={"convlora": json.dumps(meta)})
+    with pytest.raises(InputError, match=r"odd\.safetensors: unknown intensity scaling 'z-score'"):
+        load_model(tmp_path / "odd.safetensors")
+
+
 def test_model_id_depends_on_weights_only():
     a, b = make_model(4, seed=0), make_model(4, seed=0)
     b.metadata["training"] = {"anything": 1}

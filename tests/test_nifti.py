@@ -11,7 +11,7 @@ import pytest
 from nibabel.processing import resample_from_to
 
 from napari_convlora.errors import InputError
-from napari_convlora.geometry import plan, scale_intensity
+from napari_convlora.geometry import TISSUE_LEVEL, plan, scale_intensity, tissue_level
 from napari_convlora.metrics import dice
 from napari_convlora.nifti import load_mask, load_volume, save_mask
 
@@ -108,6 +108,22 @@ def test_scaling_ignores_a_hot_voxel():
     assert a.min() == 0.0 and a.max() == 1.0
     b[90, 100, 90] = a[90, 100, 90]
     assert np.abs(a - b).max() < 0.02  # one bright voxel does not squash everything else
+
+
+def test_tissue_scaling_puts_tissue_at_one_level_whatever_the_fat():
+    """Percentile scaling lets scalp fat set the top, so a head with dimmer fat shows its brain higher;
+    tissue scaling puts both brains at the same level."""
+    volume, mask = load_volume(SAMPLE_T1), load_mask(SAMPLE_MASK)
+    raw, brain = volume.data.astype(np.float32), mask.data > 0
+    top = np.percentile(raw[brain], 99.5)
+    dim_fat = np.where(raw > top, top + 0.3 * (raw - top), raw)
+    legacy = [np.median(scale_intensity(v)[brain]) for v in (raw, dim_fat)]
+    assert legacy[1] > 1.25 * legacy[0]
+    tissue = [np.median(scale_intensity(v, "tissue")[brain]) for v in (raw, dim_fat)]
+    assert tissue[0] == pytest.approx(tissue[1], abs=0.01)
+    assert tissue_level(scale_intensity(raw, "tissue")) == pytest.approx(TISSUE_LEVEL, abs=0.01)
+    with pytest.raises(ValueError, match="unknown intensity scaling"):
+        scale_intensity(raw, "z-score")
 
 
 def test_disk_index_maps_to_the_same_model_slice(tmp_path):

@@ -70,6 +70,17 @@ def test_resume_refuses_other_settings_or_data(tmp_path, heads, small_path, smal
         list(train_source(flipped, TINY, checkpoint))
 
 
+def test_heads_and_model_share_one_intensity_scaling(heads, small_path, small_mask_path):
+    legacy = TrainConfig(**{**TINY.__dict__, "intensity_scaling": "percentile"})
+    with pytest.raises(InputError, match="not scaled with 'percentile'"):
+        next(iter(train_source(heads, legacy)))
+    legacy_heads = load_heads([(small_path, small_mask_path)], "percentile")
+    assert not np.allclose(legacy_heads[0].images, heads[0].images)
+    config = TrainConfig(**{**legacy.__dict__, "steps": 1, "head_steps": 1})
+    done = next(r for r in train_source(legacy_heads, config) if isinstance(r, TrainDone))
+    assert done.model.intensity_scaling == "percentile"
+
+
 def test_resume_in_the_head_phase(tmp_path, heads):
     straight = next(r for r in train_source(heads, TINY) if isinstance(r, TrainDone)).model
     checkpoint = tmp_path / "run.checkpoint"
@@ -101,6 +112,8 @@ def test_train_source_cli_records_how_the_weights_were_made(capsys, tmp_path, sm
             "2",
             "--device",
             "cpu",
+            "--intensity-scaling",
+            "percentile",
             "--json",
         ]
     )
@@ -109,6 +122,7 @@ def test_train_source_cli_records_how_the_weights_were_made(capsys, tmp_path, sm
     result = json.loads(captured.out)
     model = load_model(out)
     assert result["model_id"] == model.model_id
+    assert model.intensity_scaling == "percentile" and model.metadata["training"]["config"]["intensity_scaling"]
     training = model.metadata["training"]
     assert "train-source" in training["command"] and training["config"]["seed"] == 0
     assert len(training["data"][0]["t1_sha256"]) == 64

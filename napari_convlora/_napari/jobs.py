@@ -139,7 +139,7 @@ def adapt_job(
     path = library_path(name)
     config.check()
     base = get_model(model_path)
-    geometry, _ = plan(volume)
+    geometry, _ = plan(volume, base.intensity_scaling)
     if around is not None:
         indices = model_slices_around(geometry, around, config.slices)
         config = replace(config, slice_indices=indices)
