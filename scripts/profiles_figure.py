@@ -1,7 +1,7 @@
 """Draw one sagittal slice of the sample head under every simulated scanner profile: docs/profiles.png.
 
 Usage: python scripts/profiles_figure.py [--seed 0] [--out docs/profiles.png]
-Each panel is what the model sees (RAS, 1 mm in-plane, scaled, cropped), with the
+Each panel is what the shipped model sees (RAS, 1 mm in-plane, scaled its way, cropped), with the
 reference brain mask outline in red.
 """
 
@@ -15,14 +15,16 @@ from scipy import ndimage
 from skimage.io import imsave
 
 from napari_convlora.geometry import plan
+from napari_convlora.library import SOURCE_MODEL
+from napari_convlora.model import load_model
 from napari_convlora.nifti import load_mask, load_volume
 from napari_convlora.simulate import PROFILES, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def panel(volume, mask) -> np.ndarray:
-    geometry, scaled = plan(volume)
+def panel(volume, mask, scaling: str) -> np.ndarray:
+    geometry, scaled = plan(volume, scaling)
     images = geometry.to_model(scaled)
     masks = geometry.to_model(geometry.to_ras(mask.data).astype(np.float32)) > 0.5
     index = int(np.argmax(masks.sum(axis=(1, 2)) > 0) + 0.4 * np.count_nonzero(masks.any(axis=(1, 2))))
@@ -38,7 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     volume = load_volume(ROOT / "resources" / "sample" / "colin27_t1.nii.gz")
     mask = load_mask(ROOT / "resources" / "sample" / "colin27_mask_consensus.nii.gz")
-    panels = [panel(*simulate(volume, mask, name, seed=args.seed)) for name in PROFILES]
+    scaling = load_model(SOURCE_MODEL).intensity_scaling
+    panels = [panel(*simulate(volume, mask, name, seed=args.seed), scaling) for name in PROFILES]
     h, w = max(p.shape[0] for p in panels), max(p.shape[1] for p in panels)
     panels = [np.pad(p, ((0, h - p.shape[0]), (0, w - p.shape[1]), (0, 0))) for p in panels]
     columns = 3
