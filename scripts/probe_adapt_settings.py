@@ -31,21 +31,23 @@ base, head, names, settings = load_model(args[0]), args[1], args[2].split(","), 
 volume = load_volume(f"../shared/data/{head}/t1.nii.gz")
 mask = load_mask(f"../shared/data/{head}/mask_consensus.nii.gz")
 results: dict[str, list[float]] = {}
+
+
+def score(model, scan, reference, adapter=None) -> dict:
+    return evaluate(segment(model, scan, adapter, device="cpu").mask, reference.data, scan.spacing)
+
+
 for name in names:
     scan, reference = simulate(volume, mask, name, seed=seed)
-
-    def score(model, adapter=None):
-        return evaluate(segment(model, scan, adapter, device="cpu").mask, reference.data, scan.spacing)
-
     for label, model in (("source model", base), ("adabn", None)):
         if model is None:
             model = adapt_with(base, scan, reference, "adabn", AdaptConfig(device="cpu", seed=seed)).model
-        s = score(model)
+        s = score(model, scan, reference)
         results.setdefault(label, []).append(s["surface_dice"])
         print(name, label, "sDice", round(s["surface_dice"], 3), "dice", round(s["dice"], 3), flush=True)
     for overrides in settings:
         done = run_adaptation(base, scan, AdaptConfig(device="cpu", seed=seed, **json.loads(overrides)))
-        s = score(base, done.adapter)
+        s = score(base, scan, reference, done.adapter)
         results.setdefault(overrides, []).append(s["surface_dice"])
         agreements = [round(a, 3) for a in done.agreements]
         print(name, overrides, "sDice", round(s["surface_dice"], 3), "dice", round(s["dice"], 3),

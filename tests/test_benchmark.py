@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from napari_convlora import benchmark as bench
@@ -84,3 +85,22 @@ def test_central_slab_keeps_world_coordinates(small_path, small_mask_path):
     # voxel (0, 0, 0) of the slab is voxel (first, 0, 0) of the head, in the same world place
     assert slab.affine[:3, 3] == pytest.approx(volume.affine[:3, :3] @ [first, 0, 0] + volume.affine[:3, 3])
     assert (slab_mask.affine == slab.affine).all()
+
+
+def _cell(profile: str, seed: int, method: str, surface_dice: float) -> bench.Cell:
+    return bench.Cell(profile, seed, method, surface_dice, 0.9, 5.0, 0, 0.0)
+
+
+def test_recovery_counts_only_profiles_with_a_real_gap():
+    # ge-3t in-domain 0.8; philips-3t loses 0.4 (a gap), philips-1.5t only 0.005 (noise, not a gap)
+    cells = [_cell("ge-3t", s, "source", 0.8) for s in (0, 1)]
+    cells += [_cell("philips-3t", s, "source", 0.4) for s in (0, 1)]
+    cells += [_cell("philips-3t", s, "convlora+adabn", v) for s, v in ((0, 0.5), (1, 0.7))]
+    cells += [_cell("philips-1.5t", s, "source", 0.795) for s in (0, 1)]
+    cells += [_cell("philips-1.5t", s, "convlora+adabn", 0.755) for s in (0, 1)]
+    summary = bench.summarise(cells)
+    assert summary["gap"] == pytest.approx({"philips-3t": 0.4, "philips-1.5t": 0.005})
+    # (0.6 - 0.4) / 0.4 on philips-3t alone; philips-1.5t's -0.04 / 0.005 = -800% must not count
+    assert summary["recovery"]["convlora+adabn"] == pytest.approx(0.5)
+    assert summary["table"]["philips-3t"]["convlora+adabn"]["sd"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
+    assert "| recovered share of the gap (gap >= 0.10) | | 0% | 50% |" in bench.markdown(summary)
