@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="convlora (default), or moe: Conv-LoRA with a mixture of scale experts (not mergeable, slower inference)",
     )
     p.add_argument("--experts", type=_positive_int, help="scale experts per layer, for --kind moe (default 8)")
+    p.add_argument(
+        "--no-adabn",
+        action="store_true",
+        help="keep the source model's batch-norm statistics (adapters alone; see BENCHMARKS.md for when it helps)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=2)
     p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("-o", "--output", type=Path, help="adapter file to write (default: the library, under NAME)")
@@ -271,6 +276,7 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
         device=args.device,
         kind=args.kind,
         experts=args.experts or DEFAULT_EXPERTS,
+        adabn=not args.no_adabn,
     )
     config.check()
     volume = load_volume(args.input)

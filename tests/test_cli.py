@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from napari_convlora.cli import main
 from napari_convlora.model import save_model
@@ -132,6 +133,21 @@ def test_adapt_to_explicit_path(capsys, tmp_path, small_path, model_file):
         capsys, "segment", small_path, "-o", tmp_path / "m.nii.gz", "--model", model_file, "--adapter", target, "--json"
     )
     assert code == 0, err
+
+
+def test_adapt_without_adabn_keeps_the_source_statistics(capsys, tmp_path, small_path, model_file):
+    from napari_convlora.adapters import load_adapter
+    from napari_convlora.model import load_model
+
+    target = tmp_path / "a.safetensors"
+    argv = ["adapt", small_path, "-o", target, "--model", model_file, "--slices", 2, "--epochs", 1, "--no-adabn"]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    adapter = load_adapter(target)
+    assert adapter.metadata["adabn"] is False
+    base = load_model(model_file).unet.state_dict()
+    stats = [k for k in adapter.tensors if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(adapter.tensors[k], base[k]) for k in stats)
 
 
 def test_adapt_moe_kind_then_segment_with_it(capsys, tmp_path, small_path, model_file):

@@ -100,7 +100,9 @@ def test_segment_sample_with_ground_truth(viewer_widget, qtbot, small_path, smal
 def test_adapt_with_the_moe_kind(viewer_widget, qtbot, tmp_path):
     viewer, widget = viewer_widget
     assert widget.controls.kind_combo.currentText() == "convlora"  # the default
+    assert widget.controls.adabn_check.isChecked()  # the default
     widget.controls.kind_combo.setCurrentText("moe")
+    widget.controls.adabn_check.setChecked(False)
     widget.controls.slices_spin.setValue(2)
     widget.controls.epochs_spin.setValue(1)
     widget.controls.name_edit.setText("scanner-m")
@@ -108,6 +110,7 @@ def test_adapt_with_the_moe_kind(viewer_widget, qtbot, tmp_path):
     _wait_idle(qtbot, widget)
     adapter = load_adapter(tmp_path / "home" / "adapters" / "scanner-m.safetensors")
     assert adapter.metadata["kind"] == "moe" and adapter.metadata["experts"] == 8
+    assert adapter.metadata["adabn"] is False
     assert "mask: scanner-m" in viewer.layers
 
 

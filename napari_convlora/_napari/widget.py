@@ -385,6 +385,7 @@ class ConvLoRAWidget(QWidget):
             lr=float(c.lr_spin.value()),
             device=c.device_combo.currentText(),
             kind=c.kind_combo.currentText(),
+            adabn=c.adabn_check.isChecked(),
         )
         c.name_edit.setText(name)
         c.train_plot.clear()
