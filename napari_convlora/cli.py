@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="segment, adapt to a simulated scanner, segment again, on the bundled sample")
     p.add_argument("--out", type=Path, default=Path("convlora-demo"), help="folder for masks and the adapter")
-    p.add_argument("--profile", default="philips-3t", help="simulated target scanner (see: convlora profiles)")
+    p.add_argument("--profile", help="simulated target scanner (default siemens-1.5t; see: convlora profiles)")
     p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--seed", type=_seed, default=0)
@@ -405,10 +405,11 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
 
 def cmd_demo(args: argparse.Namespace) -> dict:
     from .adapt import AdaptConfig, StepReport
-    from .demo import run_demo
+    from .demo import DEMO_PROFILE, run_demo
     from .simulate import get_profile
 
-    get_profile(args.profile)
+    profile = args.profile or DEMO_PROFILE
+    get_profile(profile)
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"{args.out}: exists and is not a folder")
     try:
@@ -427,7 +428,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         result = run_demo(
             base,
             args.out,
-            args.profile,
+            profile,
             AdaptConfig(seed=args.seed, device=args.device),
             overwrite=args.overwrite,
             progress=progress,
