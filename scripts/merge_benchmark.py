@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from napari_convlora.benchmark import METHODS, cells_from_json, cells_to_json, markdown, summarise
+from napari_convlora.files import atomic_write
 
 
 def merge(parts: list[dict]) -> dict:
@@ -31,7 +32,9 @@ def merge(parts: list[dict]) -> dict:
         for cell in cells_from_json(part["cells"]):
             key = (cell.profile, cell.seed, cell.method)
             if key in cells and cells[key].surface_dice != cell.surface_dice:
-                raise ValueError(f"{key}: surface Dice {cells[key].surface_dice} here, {cell.surface_dice} there")
+                raise ValueError(
+                    f"{key}: surface Dice {cells[key].surface_dice} in one part, {cell.surface_dice} in another"
+                )
             cells.setdefault(key, cell)
     order = {m: i for i, m in enumerate(METHODS)}
     merged = sorted(cells.values(), key=lambda c: (c.seed, first["profiles"].index(c.profile), order[c.method]))
@@ -59,10 +62,10 @@ def main() -> None:
         result = merge([json.loads(p.read_text()) for p in args.parts])
     except (OSError, ValueError, KeyError) as exc:
         sys.exit(f"error: {exc}")
-    args.output.write_text(json.dumps(result, indent=1))
-    table = markdown(result["summary"])
+    text, table = json.dumps(result, indent=1), markdown(result["summary"])
+    atomic_write(args.output, lambda tmp: tmp.write_text(text))  # the benchmark's own writer: never a half file
     if args.markdown is not None:
-        args.markdown.write_text(table)
+        atomic_write(args.markdown, lambda tmp: tmp.write_text(table))
     print(table, end="")
     print(f"({len(result['cells'])} cells from {len(args.parts)} parts in {args.output})")
 
