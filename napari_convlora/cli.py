@@ -68,7 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="none", help="none, auto (picked without labels), a library name, or a file")
     p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
-    p.add_argument("--no-cleanup", action="store_true", help="keep every component and hole")
+    p.add_argument(
+        "--no-cleanup", action="store_true", help="keep every component and hole (no opening, largest piece, filling)"
+    )
+    p.add_argument(
+        "--single-pass",
+        action="store_true",
+        help="one pass over the whole head instead of a coarse pass that finds the brain, then a pass on it",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -239,7 +246,9 @@ def cmd_segment(args: argparse.Namespace) -> dict:
     else:
         adapter = resolve_adapter(args.adapter)
     start = time.perf_counter()
-    result = segment(base, volume, adapter, device=args.device, cleanup=not args.no_cleanup)
+    result = segment(
+        base, volume, adapter, device=args.device, cleanup=not args.no_cleanup, two_pass=not args.single_pass
+    )
     save_mask(result.mask, volume, args.output, overwrite=args.overwrite)
     out = {
         "input": str(args.input),

@@ -12,7 +12,7 @@ the input's voxel grid.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from nibabel import orientations
@@ -91,6 +91,28 @@ class SliceGeometry:
         """The inverse of :meth:`to_ras`."""
         back = orientations.ornt_transform(orientations.axcodes2ornt("RAS"), self.file_ornt)
         return np.ascontiguousarray(orientations.apply_orientation(ras, back))
+
+    def restricted(self, box: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]) -> SliceGeometry:
+        """The same slicing limited to ``box``: ((x0, x1), (y0, y1), (z0, z1)) in RAS voxels, ends exclusive.
+
+        The in-plane crop is padded to a multiple of ``MULTIPLE`` pixels (zeros where it leaves the plane).
+        """
+        crop = []
+        for axis, n_plane in ((1, self.plane_shape[0]), (2, self.plane_shape[1])):
+            factor = n_plane / self.ras_shape[axis]
+            lo, hi = int(np.floor(box[axis][0] * factor)), int(np.ceil(box[axis][1] * factor))
+            crop += _pad_to_multiple(lo, hi, MULTIPLE)
+        x0, x1 = max(int(box[0][0]), 0), min(int(box[0][1]), self.ras_shape[0])
+        return replace(self, x_range=(x0, max(x1, x0 + 1)), crop=tuple(int(c) for c in crop))
+
+    def model_to_ras_box(self, lo: tuple[int, int, int], hi: tuple[int, int, int]) -> tuple[tuple[int, int], ...]:
+        """A box in stack coordinates (slice, row, column; ``hi`` exclusive) as a box in RAS voxels."""
+        out = [(self.x_range[0] + lo[0], self.x_range[0] + hi[0])]
+        for axis in (1, 2):
+            factor = self.ras_shape[axis] / self.plane_shape[axis - 1]
+            offset = self.crop[2 * (axis - 1)]
+            out.append((int(np.floor((lo[axis] + offset) * factor)), int(np.ceil((hi[axis] + offset) * factor))))
+        return tuple(out)
 
     def disk_to_model_slice(self, disk_index: tuple[int, int, int]) -> int:
         """Index in the model's stack of the sagittal slice through a voxel given in file order."""
@@ -199,25 +221,22 @@ def plan(volume: Volume, scaling: str = LEGACY_SCALING) -> tuple[SliceGeometry, 
         for n, s in zip(ras.shape[1:], ras_spacing[1:], strict=True)
     )
     head = _head_mask(scaled)
-    x_range = _extent(head.any(axis=(1, 2)), ras.shape[0], HEAD_MARGIN_MM / ras_spacing[0])
-    crop = []
-    for axis, n_plane in ((1, plane_shape[0]), (2, plane_shape[1])):
-        other = tuple(a for a in (0, 1, 2) if a != axis)
-        lo, hi = _extent(head.any(axis=other), ras.shape[axis], HEAD_MARGIN_MM / ras_spacing[axis])
-        factor = n_plane / ras.shape[axis]
-        lo, hi = int(np.floor(lo * factor)), int(np.ceil(hi * factor))
-        lo, hi = _pad_to_multiple(lo, hi, MULTIPLE)
-        crop += [lo, hi]
+    box = tuple(
+        _extent(
+            head.any(axis=tuple(a for a in (0, 1, 2) if a != axis)), ras.shape[axis], HEAD_MARGIN_MM / ras_spacing[axis]
+        )
+        for axis in (0, 1, 2)
+    )
     geometry = SliceGeometry(
         disk_shape=tuple(volume.data.shape),
         file_ornt=ornt,
         ras_shape=tuple(ras.shape),
         ras_spacing=tuple(float(s) for s in ras_spacing),
         plane_shape=plane_shape,
-        x_range=x_range,
-        crop=tuple(crop),
+        x_range=box[0],
+        crop=(0, 0, 0, 0),
     )
-    return geometry, scaled
+    return geometry.restricted(box), scaled
 
 
 def _head_mask(scaled: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ the end for scripts and the CLI.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,9 @@ from .device import pick_device
 from .geometry import SliceGeometry, plan
 from .model import BaseModel, UNet2D
 from .nifti import Volume
+
+COARSE_X_STEP = 3  # the first pass of two reads every third sagittal slice
+BRAIN_MARGIN_MM = 12.0  # around the brain the first pass found
 
 
 @dataclass(frozen=True)
@@ -60,14 +63,66 @@ def predict_logits(
             yield start, unet(x)[:, 0].float().cpu().numpy()
 
 
-def clean_mask(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest connected component and fill its holes (a brain is one solid piece)."""
+def clean_mask(mask: np.ndarray, bridge_voxels: int = 2) -> np.ndarray:
+    """One solid brain: the largest component once thin bridges are cut, its own boundary kept, holes filled.
+
+    A small opening (``bridge_voxels`` iterations of the 6-neighbourhood) cuts
+    the thin strands through which a mask leaks into the neck, eyes or scalp;
+    the largest piece left is then grown back by as much, within the mask, so
+    the opening does not shave the brain's surface.
+    """
+    if not mask.any():
+        return mask.astype(np.uint8)
+    box = _bounding_box(mask, pad=bridge_voxels + 1)
+    part = mask[box].astype(bool)
+    core = _largest_component(ndimage.binary_opening(part, iterations=bridge_voxels)) if bridge_voxels else part
+    if not core.any():  # nothing thicker than the bridges: the plain largest component
+        core = part
+    grow = np.ones((3, 3, 3), dtype=bool)  # back by as much in every direction, corners and edges included
+    kept = _largest_component(part & ndimage.binary_dilation(core, grow, iterations=bridge_voxels))
+    out = np.zeros(mask.shape, dtype=np.uint8)
+    out[box] = ndimage.binary_fill_holes(kept)
+    return out
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
     labels, n = ndimage.label(mask)
-    if n > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        mask = labels == int(sizes.argmax())
-    return ndimage.binary_fill_holes(mask).astype(np.uint8)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(sizes.argmax())
+
+
+def _bounding_box(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...]:
+    box = []
+    for axis in range(mask.ndim):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(idx[0]) - pad, 0), min(int(idx[-1]) + 1 + pad, mask.shape[axis])))
+    return tuple(box)
+
+
+def brain_box(geometry: SliceGeometry, coarse: np.ndarray, x_step: int) -> tuple[tuple[int, int], ...] | None:
+    """Where a first pass over every ``x_step``-th slice found the brain, plus a margin, as a RAS box.
+
+    ``coarse`` holds that pass's probabilities, one slice per ``x_step`` slices
+    of ``geometry``'s stack. The brain is the largest 3D component of its mask
+    after a small opening, so a strand of false positives down the neck does
+    not stretch the box. None when the pass found nothing.
+    """
+    core = _largest_component(ndimage.binary_opening(coarse > 0.5, iterations=1))
+    if not core.any():
+        core = _largest_component(coarse > 0.5)
+    if not core.any():
+        return None
+    box = _bounding_box(core)
+    lo = [box[0].start * x_step - x_step, box[1].start, box[2].start]
+    hi = [(box[0].stop - 1) * x_step + 1 + x_step, box[1].stop, box[2].stop]
+    ras_box = geometry.model_to_ras_box(tuple(lo), tuple(hi))
+    margins = [int(np.ceil(BRAIN_MARGIN_MM / s)) for s in geometry.ras_spacing]
+    return tuple(
+        (max(a - m, 0), min(b + m, n)) for (a, b), m, n in zip(ras_box, margins, geometry.ras_shape, strict=True)
+    )
 
 
 def iter_segment(
@@ -77,23 +132,64 @@ def iter_segment(
     device: str = "auto",
     batch_size: int = 16,
     cleanup: bool = True,
+    two_pass: bool = True,
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[SegmentProgress | Segmentation | None]:
-    """Yield :class:`SegmentProgress` per batch, then the :class:`Segmentation` (or None if stopped)."""
+    """Yield :class:`SegmentProgress` per batch, then the :class:`Segmentation` (or None if stopped).
+
+    With ``two_pass`` a coarse pass over every ``COARSE_X_STEP``-th sagittal
+    slice localises the brain in 3D (:func:`brain_box`), and the full pass runs
+    on that box only: the network never sees the neck below it, so it cannot
+    label it, and a scan with a long field of view costs fewer slices.
+    """
     start = time.perf_counter()
     torch_device = pick_device(device)
     unet = apply_adapter(base, adapter)  # a copy: the base model is never touched
     geometry, scaled = plan(volume, base.intensity_scaling)
     stack = geometry.to_model(scaled)
-    logits = np.empty_like(stack)
-    for first, batch in predict_logits(unet, stack, torch_device, batch_size):
-        logits[first : first + len(batch)] = batch
-        done = first + len(batch)
-        yield SegmentProgress(done, len(stack), time.perf_counter() - start)
-        if should_stop is not None and should_stop():
+    coarse = stack[::COARSE_X_STEP] if two_pass else stack[:0]
+    count = _Count(total=len(coarse) + len(stack), start=start)
+    if two_pass:
+        logits = yield from _predict(unet, coarse, torch_device, batch_size, count, should_stop)
+        if logits is None:
             yield None
             return
+        box = brain_box(geometry, expit(logits), COARSE_X_STEP)
+        if box is not None:
+            geometry = geometry.restricted(box)
+            stack = geometry.to_model(scaled)
+            count.total = count.done + len(stack)
+    logits = yield from _predict(unet, stack, torch_device, batch_size, count, should_stop)
+    if logits is None:
+        yield None
+        return
     yield _finish(geometry, logits, volume, adapter, cleanup, start)
+
+
+@dataclass
+class _Count:
+    total: int
+    start: float
+    done: int = 0
+
+
+def _predict(
+    unet: UNet2D,
+    stack: np.ndarray,
+    device: torch.device,
+    batch_size: int,
+    count: _Count,
+    should_stop: Callable[[], bool] | None,
+) -> Generator[SegmentProgress, None, np.ndarray | None]:
+    """Logits of ``stack``, yielding progress per batch; None if ``should_stop`` said so."""
+    logits = np.empty_like(stack)
+    for first, batch in predict_logits(unet, stack, device, batch_size):
+        logits[first : first + len(batch)] = batch
+        count.done += len(batch)
+        yield SegmentProgress(count.done, count.total, time.perf_counter() - count.start)
+        if should_stop is not None and should_stop():
+            return None
+    return logits
 
 
 def _finish(

@@ -2,8 +2,9 @@
 
 Two real heads cannot teach a network much about other people and scanners,
 so every sample is augmented: a random 2D affine (rotation, scale, shear,
-translation), a smooth elastic deformation, flips, a random crop (field of view), and intensity changes
-(gamma, a smooth multiplicative bias field, blur, noise, contrast). The early
+translation), a smooth elastic deformation, flips, a random crop (field of view), resolution loss
+(voxels up to 3 mm, thick slices), and intensity changes (gamma, a smooth multiplicative bias field,
+blur, noise, contrast). Heads with a neck (``scripts/prepare_heads.py``) give the crops real necks. The early
 head is trained afterwards on the same labels with the U-Net frozen, as in the
 ConvLoRA paper.
 
@@ -102,6 +103,16 @@ def _displacement(rng: np.random.Generator, shape: tuple[int, int], pixels: floa
     return ndimage.zoom(coarse, zoom, order=3, mode="nearest")[:, : shape[0], : shape[1]]
 
 
+def _low_resolution(image: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """``image`` as a scanner with voxels ``factors`` times larger would give it, back on the 1 mm grid."""
+    small = ndimage.zoom(image, 1.0 / factors, order=1, mode="nearest", grid_mode=True)
+    back = ndimage.zoom(small, np.array(image.shape) / np.array(small.shape), order=1, mode="nearest", grid_mode=True)
+    out = np.zeros_like(image)
+    h, w = min(back.shape[0], image.shape[0]), min(back.shape[1], image.shape[1])
+    out[:h, :w] = back[:h, :w]
+    return out
+
+
 def augment(
     image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -127,7 +138,9 @@ def augment(
     if rng.random() < 0.5:
         img, msk = img[:, ::-1], msk[:, ::-1]
     img = np.clip(img, 0.0, 1.0)
-    if rng.random() < 0.3:  # resolution loss: thicker slices / lower in-plane resolution
+    if rng.random() < 0.3:  # resolution loss: voxels up to 3 mm, thick slices along either in-plane axis
+        img = _low_resolution(img, rng.uniform(1.0, 3.0, 2) ** rng.integers(0, 2, 2))
+    elif rng.random() < 0.3:
         img = ndimage.gaussian_filter(img, sigma=rng.uniform(0.3, 1.5, 2))
     img = img ** np.exp(rng.normal(0, 0.3))  # gamma: tissue contrast
     img = img * _bias_field(rng, crop, rng.uniform(0.0, 0.3))

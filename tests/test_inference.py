@@ -7,7 +7,16 @@ import torch
 
 from napari_convlora.adapt import run_adaptation
 from napari_convlora.adapters import apply_adapter
-from napari_convlora.inference import Segmentation, SegmentProgress, clean_mask, iter_segment, segment
+from napari_convlora.geometry import plan
+from napari_convlora.inference import (
+    BRAIN_MARGIN_MM,
+    Segmentation,
+    SegmentProgress,
+    brain_box,
+    clean_mask,
+    iter_segment,
+    segment,
+)
 
 from .test_adapt import QUICK
 
@@ -51,3 +60,68 @@ def test_clean_mask_keeps_the_largest_component_and_fills_holes():
     cleaned = clean_mask(mask)
     assert cleaned[11, 11, 11] == 1 and cleaned[26, 26, 26] == 0
     assert cleaned.sum() == 15**3
+
+
+def test_clean_mask_cuts_a_thin_bridge_into_the_neck():
+    """A strand two voxels wide joins the brain to a blob below it: the old largest-component rule kept both."""
+    mask = np.zeros((40, 40, 60), np.uint8)
+    mask[8:32, 8:32, 30:54] = 1  # the brain
+    mask[19:21, 19:21, 14:30] = 1  # a thin strand down the neck
+    mask[14:26, 14:26, 2:14] = 1  # a blob in the neck
+    cleaned = clean_mask(mask)
+    assert cleaned[:, :, :26].sum() == 0  # the blob and most of the strand are gone (a stub may stay)
+    assert cleaned[8:32, 8:32, 30:54].all()  # the brain's own boundary (corners included) is kept
+    assert cleaned[:, :, 30:].sum() == mask[:, :, 30:].sum()
+    assert clean_mask(mask, bridge_voxels=0)[:, :, 2:14].any()  # no opening: the blob stays attached
+
+
+def test_two_passes_report_progress_over_both_and_return_a_mask_on_the_grid(model, small_volume):
+    geometry, _ = plan(small_volume, model.intensity_scaling)
+    reports = list(iter_segment(model, small_volume, device="cpu", batch_size=8))
+    assert isinstance(reports[-1], Segmentation) and reports[-1].mask.shape == small_volume.data.shape
+    progress = [r for r in reports if isinstance(r, SegmentProgress)]
+    assert [p.done for p in progress] == sorted(p.done for p in progress)
+    assert progress[-1].done == progress[-1].total
+    coarse = len(range(0, geometry.n_slices, 3))
+    assert coarse < progress[-1].total <= coarse + geometry.n_slices  # the fine pass reads at most the head
+    one = [r for r in iter_segment(model, small_volume, device="cpu", batch_size=8, two_pass=False)]
+    assert one[-2].done == one[-2].total == geometry.n_slices
+
+
+def test_brain_box_holds_the_coarse_brain_and_ignores_a_strand(model, small_volume):
+    geometry, _ = plan(small_volume, model.intensity_scaling)
+    coarse = np.zeros(
+        (len(range(0, geometry.n_slices, 3)), geometry.crop[1] - geometry.crop[0], geometry.crop[3] - geometry.crop[2]),
+        np.float32,
+    )
+    coarse[3:9, 10:30, 15:35] = 1.0
+    coarse[5, 19:21, 0:15] = 1.0  # one strand, one voxel thin, down to the edge
+    box = brain_box(geometry, coarse, 3)
+    lo = geometry.model_to_ras_box((3 * 3, 10, 15), (8 * 3 + 1, 30, 35))
+    margins = [int(np.ceil(BRAIN_MARGIN_MM / s)) for s in geometry.ras_spacing]
+    for (b0, b1), (l0, l1), m, n in zip(box, lo, margins, geometry.ras_shape, strict=True):
+        assert b0 <= l0 and b1 >= l1  # the brain is inside
+        assert b0 >= max(l0 - m - 3 * 4, 0) and b1 <= min(l1 + m + 3 * 4, n)  # and not stretched by the strand
+    restricted = geometry.restricted(box)
+    assert restricted.n_slices <= geometry.n_slices
+    assert (restricted.crop[1] - restricted.crop[0]) % 8 == 0 and (restricted.crop[3] - restricted.crop[2]) % 8 == 0
+    assert brain_box(geometry, np.zeros_like(coarse), 3) is None
+
+
+def test_restricted_geometry_reads_the_same_voxels(small_volume):
+    geometry, scaled = plan(small_volume, "tissue")
+    full = geometry.to_model(scaled)
+    box = ((geometry.x_range[0] + 2, geometry.x_range[0] + 9), (10, 30), (12, 40))
+    inner = geometry.restricted(box)
+    part = inner.to_model(scaled)
+    (y0, y1), (z0, z1) = (
+        (max(inner.crop[i], geometry.crop[i]), min(inner.crop[i + 1], geometry.crop[i + 1])) for i in (0, 2)
+    )
+    assert y1 - y0 >= 16 and z1 - z0 >= 16
+    np.testing.assert_array_equal(
+        part[:, y0 - inner.crop[0] : y1 - inner.crop[0], z0 - inner.crop[2] : z1 - inner.crop[2]],
+        full[2:9, y0 - geometry.crop[0] : y1 - geometry.crop[0], z0 - geometry.crop[2] : z1 - geometry.crop[2]],
+    )
+    back = inner.from_model(np.ones_like(part))
+    ras = inner.to_ras(back)
+    assert ras[: box[0][0]].sum() == 0 and ras[box[0][1] :].sum() == 0  # nothing outside the box's slices

@@ -1,0 +1,90 @@
+"""Score source models on real heads they did not train on, each inference piece on and off.
+
+Usage:
+    python scripts/bench_heads.py --heads heads --eval MODEL HEAD [HEAD ...] [--eval MODEL HEAD ...]
+                                  [--variants full single-pass no-cleanup] [-o results.json]
+
+``heads`` is the folder ``scripts/prepare_heads.py`` writes; every HEAD is a
+folder of it (``t1.nii.gz`` scored against ``mask_consensus.nii.gz``), and its
+``mask_deepbet`` / ``mask_hdbet``, where present, are scored the same way as
+the peers. Variants: ``full`` (two passes, clean-up: what ``convlora segment``
+does), ``single-pass`` (one pass over the whole head, clean-up), ``no-cleanup``
+(two passes, the thresholded probability as it is), ``bare`` (neither).
+Prints one line per (model, head, variant) and a Markdown table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from napari_convlora.inference import segment
+from napari_convlora.metrics import evaluate
+from napari_convlora.model import load_model
+from napari_convlora.nifti import load_mask, load_volume
+
+VARIANTS = {
+    "full": {"two_pass": True, "cleanup": True},
+    "single-pass": {"two_pass": False, "cleanup": True},
+    "no-cleanup": {"two_pass": True, "cleanup": False},
+    "bare": {"two_pass": False, "cleanup": False},
+}
+
+
+def score(pred: np.ndarray, gt) -> dict:
+    figures = evaluate(pred, gt.data > 0, gt.spacing)
+    return {k: round(float(v), 4) for k, v in figures.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--heads", type=Path, required=True)
+    parser.add_argument("--eval", nargs="+", action="append", required=True, metavar="MODEL HEAD")
+    parser.add_argument("--variants", nargs="+", default=["full"], choices=list(VARIANTS))
+    parser.add_argument("--no-peers", action="store_true", help="skip scoring deepbet / HD-BET")
+    parser.add_argument("-o", "--output", type=Path)
+    args = parser.parse_args()
+    rows = []
+    for model_path, *names in args.eval:
+        model = load_model(model_path)
+        for name in names:
+            folder = args.heads / name
+            volume, gt = load_volume(folder / "t1.nii.gz"), load_mask(folder / "mask_consensus.nii.gz")
+            for variant in args.variants:
+                result = segment(model, volume, device="cpu", **VARIANTS[variant])
+                row = {
+                    "model": str(model_path),
+                    "head": name,
+                    "method": f"convlora ({variant})",
+                    "seconds": round(result.seconds, 1),
+                    **score(result.mask, gt),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if not args.no_peers:
+        for name in sorted({n for _, *names in args.eval for n in names}):
+            folder = args.heads / name
+            gt = load_mask(folder / "mask_consensus.nii.gz")
+            for peer in ("deepbet", "hdbet"):
+                path = folder / f"mask_{peer}.nii.gz"
+                if path.exists():
+                    row = {"model": peer, "head": name, "method": peer, **score(load_mask(path).data > 0, gt)}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    print("\n| head | method | model | Dice | surface Dice @ 1 mm | HD95 mm |\n|---|---|---|---|---|---|")
+    for r in sorted(rows, key=lambda r: (r["head"], r["method"])):
+        print(
+            f"| {r['head']} | {r['method']} | {Path(r['model']).name} | {r['dice']:.3f} | "
+            f"{r['surface_dice']:.3f} | {r['hd95_mm']:.1f} |"
+        )
+    if args.output:
+        args.output.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
