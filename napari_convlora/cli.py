@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how inputs are scaled, recorded in the weights file ('percentile': models made before 2026-11-24)",
     )
     p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--init", type=Path, help="start from these weights (same --width) instead of random ones")
     p.add_argument("--checkpoint", type=Path, help="resumable checkpoint (default: OUTPUT.checkpoint)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -346,7 +347,7 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
     import torch
 
     from .files import check_output_path
-    from .model import save_model
+    from .model import load_model, save_model
     from .training import TrainConfig, TrainDone, TrainStep, load_heads, train_source
 
     check_output_path(args.output, overwrite=args.overwrite, suffixes=(".safetensors",))
@@ -379,9 +380,10 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
     except OSError:
         revision = None
     heads = load_heads([(Path(t1), Path(mask)) for t1, mask in args.head], config.intensity_scaling)
+    init = load_model(args.init) if args.init else None
     bar = _progress_bar("training")
     done = None
-    for report in train_source(heads, config, checkpoint):
+    for report in train_source(heads, config, checkpoint, init=init):
         if isinstance(report, TrainStep) and bar is not None:
             bar.total = report.total_steps
             bar.n = report.step
@@ -404,6 +406,9 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
             for t1, mask in args.head
         ],
         "git_revision": revision,
+        "init": None
+        if init is None
+        else {"model": str(args.init), "model_id": init.model_id, "training": init.metadata.get("training")},
         "torch": torch.__version__,
         "seconds": round(done.seconds, 1),
     }

@@ -240,8 +240,14 @@ def train_source(
     config: TrainConfig = TrainConfig(),
     checkpoint: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
+    init: BaseModel | None = None,
 ) -> Iterator[TrainStep | TrainDone]:
-    """Train U-Net then early head; yield a report per step and finally :class:`TrainDone`."""
+    """Train U-Net then early head; yield a report per step and finally :class:`TrainDone`.
+
+    ``init``: start from these weights (a model of the same width and scaling)
+    instead of random ones, to train a model further; its id is part of what a
+    checkpoint must match.
+    """
     start = time.perf_counter()
     device = pick_device(config.device)
     if any(h.intensity_scaling != config.intensity_scaling for h in heads):
@@ -249,6 +255,14 @@ def train_source(
     torch.manual_seed(config.seed)
     model = build_model(config.width, config.intensity_scaling)
     settings = _resumable(config, heads_sha256(heads))
+    if init is not None:
+        if init.metadata.get("architecture") != model.metadata["architecture"]:
+            raise InputError(f"{init.path}: the initial weights are not a {config.width}-wide model")
+        if init.intensity_scaling != config.intensity_scaling:
+            raise InputError(f"{init.path}: the initial weights read {init.intensity_scaling!r}-scaled inputs")
+        model.unet.load_state_dict(init.unet.state_dict())
+        model.head.load_state_dict(init.head.state_dict())
+        settings["init_model_id"] = init.model_id
     phase, done_steps, moments = "unet", 0, {}
     if checkpoint is not None and checkpoint.exists():
         phase, done_steps, moments = _load_checkpoint(checkpoint, model, settings)

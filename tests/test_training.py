@@ -127,3 +127,23 @@ def test_train_source_cli_records_how_the_weights_were_made(capsys, tmp_path, sm
     assert "train-source" in training["command"] and training["config"]["seed"] == 0
     assert len(training["data"][0]["t1_sha256"]) == 64
     assert not (tmp_path / "model.safetensors.checkpoint").exists()
+
+
+def test_init_starts_from_the_given_weights_and_binds_the_checkpoint(tmp_path, heads):
+    first = next(r for r in train_source(heads, TINY) if isinstance(r, TrainDone)).model
+    still = TrainConfig(**{**TINY.__dict__, "lr": 1e-12, "steps": 1, "head_steps": 1})
+    from_first = next(r for r in train_source(heads, still, init=first) if isinstance(r, TrainDone)).model
+    from_scratch = next(r for r in train_source(heads, still) if isinstance(r, TrainDone)).model
+    for key, value in first.state_dict().items():
+        if value.is_floating_point() and "running" not in key:
+            torch.testing.assert_close(from_first.state_dict()[key], value, rtol=0, atol=1e-6)
+    assert not torch.equal(
+        from_scratch.state_dict()["unet.init_path.0.weight"], first.state_dict()["unet.init_path.0.weight"]
+    )
+    checkpoint = tmp_path / "run.checkpoint"
+    list(train_source(heads, still, checkpoint, init=first))
+    with pytest.raises(InputError, match="other settings or data"):
+        list(train_source(heads, still, checkpoint))  # the same run without its initial weights
+    wide = TrainConfig(**{**still.__dict__, "width": 8})
+    with pytest.raises(InputError, match="not a 8-wide model"):
+        list(train_source(heads, wide, init=first))
