@@ -339,9 +339,7 @@ def prepare(out: Path, peers_python: str, shared: Path | None) -> dict:
             "label": figures,
         }
         print(f"{source.name}: {json.dumps(figures)}", file=sys.stderr)
-    for name, (kind, about) in SHARED.items():
-        if shared is None:
-            break
+    for name, (kind, about) in SHARED.items() if shared is not None else ():
         folder = out / name
         folder.mkdir(exist_ok=True)
         for file in ("t1.nii.gz", "mask_consensus.nii.gz"):
