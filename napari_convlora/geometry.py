@@ -59,12 +59,15 @@ class SliceGeometry:
     def n_slices(self) -> int:
         return self.x_range[1] - self.x_range[0]
 
-    def to_model(self, ras: np.ndarray, order: int = 1) -> np.ndarray:
-        """A RAS volume (``ras_shape``) to the (n_slices, H, W) float32 stack the model reads."""
+    def to_model(self, ras: np.ndarray, order: int = 1, x_step: int = 1) -> np.ndarray:
+        """A RAS volume (``ras_shape``) to the (n_slices, H, W) float32 stack the model reads.
+
+        ``x_step`` > 1: every ``x_step``-th slice of that stack only (what a coarse pass reads).
+        """
         x0, x1 = self.x_range
-        plane = _resize_plane(ras[x0:x1].astype(np.float32, copy=False), self.plane_shape, order)
+        plane = _resize_plane(ras[x0:x1:x_step].astype(np.float32, copy=False), self.plane_shape, order)
         y0, y1, z0, z1 = self.crop
-        out = np.zeros((x1 - x0, y1 - y0, z1 - z0), dtype=np.float32)
+        out = np.zeros((len(plane), y1 - y0, z1 - z0), dtype=np.float32)
         sy0, sz0 = max(y0, 0), max(z0, 0)
         sy1, sz1 = min(y1, self.plane_shape[0]), min(z1, self.plane_shape[1])
         out[:, sy0 - y0 : sy1 - y0, sz0 - z0 : sz1 - z0] = plane[:, sy0:sy1, sz0:sz1]

@@ -146,10 +146,10 @@ def iter_segment(
     torch_device = pick_device(device)
     unet = apply_adapter(base, adapter)  # a copy: the base model is never touched
     geometry, scaled = plan(volume, base.intensity_scaling)
-    stack = geometry.to_model(scaled)
-    coarse = stack[::COARSE_X_STEP] if two_pass else stack[:0]
-    count = _Count(total=len(coarse) + len(stack), start=start)
+    count = _Count(total=geometry.n_slices, start=start)
     if two_pass:
+        coarse = geometry.to_model(scaled, x_step=COARSE_X_STEP)
+        count.total += len(coarse)
         logits = yield from _predict(unet, coarse, torch_device, batch_size, count, should_stop)
         if logits is None:
             yield None
@@ -157,8 +157,8 @@ def iter_segment(
         box = brain_box(geometry, expit(logits), COARSE_X_STEP)
         if box is not None:
             geometry = geometry.restricted(box)
-            stack = geometry.to_model(scaled)
-            count.total = count.done + len(stack)
+            count.total = count.done + geometry.n_slices
+    stack = geometry.to_model(scaled)
     logits = yield from _predict(unet, stack, torch_device, batch_size, count, should_stop)
     if logits is None:
         yield None

@@ -111,6 +111,7 @@ def test_brain_box_holds_the_coarse_brain_and_ignores_a_strand(model, small_volu
 def test_restricted_geometry_reads_the_same_voxels(small_volume):
     geometry, scaled = plan(small_volume, "tissue")
     full = geometry.to_model(scaled)
+    np.testing.assert_array_equal(geometry.to_model(scaled, x_step=3), full[::3])  # the coarse pass's slices
     box = ((geometry.x_range[0] + 2, geometry.x_range[0] + 9), (10, 30), (12, 40))
     inner = geometry.restricted(box)
     part = inner.to_model(scaled)
