@@ -110,9 +110,10 @@ def brain_box(geometry: SliceGeometry, coarse: np.ndarray, x_step: int) -> tuple
     after a small opening, so a strand of false positives down the neck does
     not stretch the box. None when the pass found nothing.
     """
-    core = _largest_component(ndimage.binary_opening(coarse > 0.5, iterations=1))
+    found = coarse > 0.5
+    core = _largest_component(ndimage.binary_opening(found, iterations=1))
     if not core.any():
-        core = _largest_component(coarse > 0.5)
+        core = _largest_component(found)
     if not core.any():
         return None
     box = _bounding_box(core)
