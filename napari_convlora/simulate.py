@@ -4,9 +4,10 @@ We cannot ship CC359, the paper's multi-scanner data set, so each *simulated*
 profile below imitates one of its six domains (GE, Philips, Siemens at 1.5 T and
 3 T) by a physics-inspired chain applied to a real head:
 
-1. tissue contrast: a piecewise-linear map of normalised intensity, monotone
-   for some profiles and non-monotone for others, so the grey/white/CSF/fat/skull
-   contrast really changes. Its control points sit at the tissue peaks of the
+1. tissue contrast: a piecewise-linear map of normalised intensity that keeps
+   the T1 order CSF < grey < white matter on every T1 profile but changes how far
+   apart they sit and how bright fat and marrow are (dark when fat-suppressed),
+   so the grey/white/CSF/fat/skull contrast really changes. Its control points sit at the tissue peaks of the
    shared Colin27 head (CSF ~0.2, grey matter ~0.42, white matter ~0.55 to 0.6,
    fat/marrow 0.7 to 1); on any other head the map is carried to that head's
    own tissues (its white-matter peak, :func:`~napari_convlora.geometry.white_matter_peak`),
@@ -14,8 +15,9 @@ profile below imitates one of its six domains (GE, Philips, Siemens at 1.5 T and
    on how bright its scalp fat happens to be;
 2. resolution: Gaussian blur with a different width per axis (thicker slices),
    then resampling to the profile's stored voxel size;
-3. field of view: the head shifted inside a larger or smaller box (with more
-   or less space below the head);
+3. field of view and position: the head shifted inside a larger or smaller box
+   (with more or less of the neck below it) and pitched by a few degrees, as
+   heads are positioned in a coil;
 4. a smooth multiplicative bias field (stronger at 3 T);
 5. Rician noise (lower SNR at 1.5 T);
 6. the stored file's orientation (axis order and flips) and integer type.
@@ -23,7 +25,9 @@ profile below imitates one of its six domains (GE, Philips, Siemens at 1.5 T and
 The brain mask goes through the same geometric steps only (never intensity),
 so it stays the reference for the simulated volume. The profiles are modelled
 on the published character of those scanners, not measured from them: they are
-*simulated* domains, and every place a user sees them says so.
+*simulated* domains, and every place a user sees them says so. One more profile,
+``stress-inverted``, makes CSF brighter than grey matter: no T1 scanner does
+that, so it is flagged ``stress`` and kept out of every headline average.
 """
 
 from __future__ import annotations
@@ -53,13 +57,20 @@ class Profile:
     snr: float  # white-matter intensity over the noise sigma
     fov_shift_mm: tuple[float, float, float]  # where the head sits in the stored box
     fov_margin_mm: tuple[float, float, float]  # extra (positive) or less (negative) field of view per axis
+    tilt_deg: float = 0.0  # head pitch (rotation about the left-right axis) inside the box, as positioned
+    stress: bool = False  # not a plausible T1: a stress test, never in a headline average
 
 
 _IDENTITY = ((0.0, 0.0), (1.0, 1.0))
 
 # Control points are placed at the tissue peaks of a real T1 head after `scale_intensity`
 # (measured on the shared Colin27 head): CSF ~0.2, grey matter ~0.42, white matter ~0.55,
-# scalp fat and marrow 0.7 to 1.0.
+# scalp fat and marrow 0.7 to 1.0. Every T1 profile keeps CSF < grey < white matter, as every
+# T1-weighted sequence does (IR-prepared gradient echo, spin echo, fat-suppressed or not); what
+# varies between vendors and field strengths is how far apart the tissues sit (grey/white
+# contrast is lower at 1.5 T and in spin-echo-like looks), how bright fat and marrow are (dark
+# with fat suppression), the receive-coil bias (stronger with 3 T multi-channel coils), noise,
+# resolution, slice thickness, how the head is tilted and where the box ends (neck included or not).
 PROFILES: dict[str, Profile] = {
     p.name: p
     for p in (
@@ -77,8 +88,9 @@ PROFILES: dict[str, Profile] = {
         ),
         Profile(
             "ge-1.5t",
-            "simulated GE 1.5 T: flat grey/white contrast, CSF near grey matter, dull fat, noisy, 1.2 mm slices",
-            ((0.0, 0.0), (0.2, 0.44), (0.42, 0.46), (0.55, 0.54), (0.75, 0.58), (1.0, 0.66)),
+            "simulated GE 1.5 T: flat grey/white contrast, CSF closer to grey matter, dull fat, noisy, "
+            "1.2 mm slices, head pitched 8 degrees",
+            ((0.0, 0.0), (0.2, 0.32), (0.42, 0.46), (0.55, 0.54), (0.75, 0.58), (1.0, 0.66)),
             (0.6, 0.3, 0.3),
             (1.2, 1.0, 1.0),
             "LAS",
@@ -86,6 +98,7 @@ PROFILES: dict[str, Profile] = {
             12.0,
             (0, -6, 4),
             (10, 10, 20),
+            tilt_deg=8.0,
         ),
         Profile(
             "philips-1.5t",
@@ -98,18 +111,21 @@ PROFILES: dict[str, Profile] = {
             12.0,
             (3, 8, -6),
             (0, 20, 30),
+            tilt_deg=-6.0,
         ),
         Profile(
             "philips-3t",
-            "simulated Philips 3 T: strong bias field, CSF brighter than grey matter (non-monotone), 0.9 mm",
-            ((0.0, 0.0), (0.2, 0.52), (0.42, 0.4), (0.55, 0.6), (0.8, 1.0), (1.0, 1.0)),
+            "simulated Philips 3 T: strong coil bias field, high grey/white contrast, bright fat, 0.9 mm, "
+            "field of view 40 mm further down the neck, head pitched 12 degrees",
+            ((0.0, 0.0), (0.2, 0.1), (0.42, 0.34), (0.55, 0.68), (0.8, 0.95), (1.0, 1.0)),
             (0.3, 0.3, 0.3),
             (0.9, 0.9, 0.9),
             "PIL",
             0.35,
             30.0,
-            (-4, 10, -10),
+            (-4, 10, -20),
             (20, 20, 40),
+            tilt_deg=12.0,
         ),
         Profile(
             "siemens-1.5t",
@@ -125,8 +141,9 @@ PROFILES: dict[str, Profile] = {
         ),
         Profile(
             "siemens-3t",
-            "simulated Siemens 3 T: crisp contrast, grey matter darker than CSF-filled sulci edges, moderate bias",
-            ((0.0, 0.0), (0.2, 0.35), (0.42, 0.3), (0.55, 0.75), (0.8, 0.85), (1.0, 1.0)),
+            "simulated Siemens 3 T MPRAGE: crisp grey/white contrast, dark CSF, marrow darker than fat, "
+            "moderate bias, head pitched -15 degrees",
+            ((0.0, 0.0), (0.2, 0.08), (0.42, 0.38), (0.55, 0.74), (0.8, 0.8), (1.0, 0.85)),
             (0.2, 0.2, 0.2),
             (1.0, 1.0, 1.0),
             "RPI",
@@ -134,6 +151,21 @@ PROFILES: dict[str, Profile] = {
             28.0,
             (2, 4, -4),
             (10, 0, 0),
+            tilt_deg=-15.0,
+        ),
+        Profile(
+            "stress-inverted",
+            "simulated NON-T1 stress test: CSF brighter than grey matter (no T1 scanner does this), "
+            "strong bias; kept out of every headline average",
+            ((0.0, 0.0), (0.2, 0.52), (0.42, 0.4), (0.55, 0.6), (0.8, 1.0), (1.0, 1.0)),
+            (0.3, 0.3, 0.3),
+            (0.9, 0.9, 0.9),
+            "PIL",
+            0.35,
+            30.0,
+            (-4, 10, -10),
+            (20, 20, 40),
+            stress=True,
         ),
     )
 }
@@ -166,6 +198,23 @@ def _target_grid(volume: Volume, profile: Profile, ras_spacing: np.ndarray) -> t
     affine[:3, :3] = columns
     affine[:3, 3] = centre - columns @ ((np.array(shape) - 1) / 2)
     return tuple(shape), affine
+
+
+def _tilt(degrees: float, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """World-to-world map that pitches the head by ``degrees`` about the left-right axis through the box centre.
+
+    Applied to target world points it gives where they were in the source head, so
+    the head appears rotated by ``degrees`` (nose up for positive) in the stored box.
+    """
+    theta = np.deg2rad(degrees)
+    rotation = np.array(
+        [[1.0, 0.0, 0.0], [0.0, np.cos(theta), -np.sin(theta)], [0.0, np.sin(theta), np.cos(theta)]]
+    ).T  # inverse of the rotation applied to the head
+    centre = affine[:3, :3] @ ((np.array(shape) - 1) / 2) + affine[:3, 3]
+    out = np.eye(4)
+    out[:3, :3] = rotation
+    out[:3, 3] = centre - rotation @ centre
+    return out
 
 
 def _intensity_map(x: np.ndarray, points: tuple[tuple[float, float], ...], white_matter: float) -> np.ndarray:
@@ -213,8 +262,8 @@ def simulate(volume: Volume, mask: Volume | None, profile_name: str, seed: int =
     if any(s > 0 for s in sigma_vox):
         image = ndimage.gaussian_filter(image, sigma_vox)
     shape, affine = _target_grid(volume, profile, to_ras_order(spacing, volume.affine))
-    # target voxel -> source voxel: inv(A_src) @ A_tgt
-    to_source = np.linalg.inv(volume.affine) @ affine
+    # target voxel -> source voxel: inv(A_src) @ (head tilt about the box centre) @ A_tgt
+    to_source = np.linalg.inv(volume.affine) @ _tilt(profile.tilt_deg, affine, shape) @ affine
     resampled = ndimage.affine_transform(
         image, to_source[:3, :3], to_source[:3, 3], output_shape=shape, order=1, mode="constant", cval=0.0
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import nibabel as nib
@@ -31,12 +32,47 @@ def test_six_documented_profiles_with_a_source():
     assert all("simulated" in p.description for p in PROFILES.values())
 
 
-def test_tissue_contrast_really_changes():
-    """Monotone maps are undone by intensity scaling; at least two profiles must reorder tissues."""
+def _at(profile, x):
+    xs, ys = zip(*profile.contrast, strict=True)
+    return float(np.interp(x, xs, ys))
+
+
+def test_every_t1_profile_keeps_the_t1_tissue_order_and_contrast_really_changes():
+    """CSF < grey < white matter on every T1 profile; grey/white contrast and fat vary; the stress one is flagged."""
     source = PROFILES[SOURCE_PROFILE].contrast
     assert source == ((0.0, 0.0), (1.0, 1.0))
-    reordering = [p.name for p in PROFILES.values() if np.any(np.diff([y for _, y in p.contrast]) < 0)]
-    assert len(reordering) >= 2, reordering
+    csf, grey, white, fat = 0.2, 0.42, 0.55, 0.8
+    t1 = [p for p in PROFILES.values() if not p.stress]
+    for p in t1:
+        assert _at(p, csf) < _at(p, grey) < _at(p, white), p.name
+    contrasts = {round(_at(p, white) / _at(p, grey), 2) for p in t1}
+    assert len(contrasts) >= 4, contrasts
+    assert any(_at(p, fat) < _at(p, grey) for p in t1), "no fat-suppressed look"
+    stress = [p for p in PROFILES.values() if p.stress]
+    assert stress and all(_at(p, csf) > _at(p, grey) and "NON-T1" in p.description for p in stress)
+    assert not PROFILES[SOURCE_PROFILE].stress
+
+
+def _pitch_deg(mask):
+    """Angle of the brain's long axis in the sagittal (A-S) plane, in world coordinates."""
+    ijk = np.argwhere(mask.data > 0)
+    world = ijk @ mask.affine[:3, :3].T + mask.affine[:3, 3]
+    ys = world[:, 1:] - world[:, 1:].mean(axis=0)
+    _, vectors = np.linalg.eigh(ys.T @ ys)
+    y, z = vectors[:, -1]
+    return float(np.degrees(np.arctan2(z, y) if y > 0 else np.arctan2(-z, -y)))
+
+
+def test_tilt_pitches_the_head_in_the_box(head, monkeypatch):
+    volume, mask = head
+    level = dataclasses.replace(PROFILES[SOURCE_PROFILE], name="level")
+    tilted = dataclasses.replace(level, name="tilted", tilt_deg=20.0)
+    monkeypatch.setitem(PROFILES, "level", level)
+    monkeypatch.setitem(PROFILES, "tilted", tilted)
+    _, flat_mask = simulate(volume, mask, "level", seed=0)
+    _, tilted_mask = simulate(volume, mask, "tilted", seed=0)
+    assert _pitch_deg(tilted_mask) - _pitch_deg(flat_mask) == pytest.approx(20.0, abs=2.0)
+    assert tilted_mask.data.sum() == pytest.approx(flat_mask.data.sum(), rel=0.03)
 
 
 def test_deterministic_for_a_seed(head, simulated):
