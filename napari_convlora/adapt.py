@@ -1,12 +1,17 @@
-"""Unsupervised adaptation to a new scanner: ConvLoRA + AdaBN self-training (Aleem et al., ISBI 2024).
+"""Unsupervised adaptation to a new scanner: ConvLoRA + AdaBN self-training (Aleem et al., ISBI 2024), and more.
 
 On N unlabeled target slices: re-estimate the encoder's batch-norm statistics
 (AdaBN); then for a few epochs train only the encoder adapters and encoder BN
-affine parameters so that the Early Segmentation Head, reading the adapted
-encoder, matches the soft prediction of the full network (frozen decoder). After
-each epoch the BN statistics are re-estimated for the new weights and the
-agreement (2D surface Dice at 1 mm) between the thresholded early-head and final
-predictions is measured; the epoch that agrees best is kept. No label is used.
+affine parameters on a label-free objective. The paper's (``early-head``): the
+Early Segmentation Head, reading the adapted encoder, matches the soft
+prediction of the full network (frozen decoder). The others
+(:mod:`napari_convlora.objectives`): feature statistics matched to the source
+model's, or multi-view pseudo-labels of the source model. After each epoch the
+BN statistics are re-estimated for the new weights and the model is scored
+without labels (:func:`napari_convlora.selection.consistency`, the masks'
+stability under perturbations no objective trains on); the best epoch is kept,
+and it is *accepted* only if it beats the source model's score (the do-no-harm
+gate). The early-head/final agreement of the paper is still measured and reported.
 
 The adapters are ConvLoRA by default, or (``kind="moe"``) Conv-LoRA with a
 mixture of scale experts, whose load-balancing loss is then added to the
@@ -45,10 +50,19 @@ from .geometry import SliceGeometry, plan
 from .metrics import surface_dice
 from .model import BaseModel, UNet2D
 from .nifti import Volume
+from .objectives import (
+    OBJECTIVES,
+    SourceStatistics,
+    multiview_probability,
+    pseudo_label_loss,
+    pseudo_labels,
+)
+from .selection import GATE_MARGIN, accepted, consistency
 
 # Weight of the MoE load-balancing loss (summed over layers) against the self-training BCE: the
 # value of Shazeer et al. and of the Conv-LoRA code. It only keeps experts in use; the gate learns from it alone.
 BALANCE_WEIGHT = 1e-2
+SELECTIONS = ("consistency", "agreement")
 
 
 @dataclass(frozen=True)
@@ -65,8 +79,17 @@ class AdaptConfig:
     adabn: bool = True  # re-estimate encoder BN statistics on the target (False: ConvLoRA alone, the ablation)
     kind: str = "convlora"  # or "moe": Conv-LoRA with a mixture of scale experts
     experts: int = DEFAULT_EXPERTS  # scale experts per layer (kind "moe" only)
+    objective: str = "early-head"  # see OBJECTIVES and napari_convlora.objectives
+    selection: str = "consistency"  # epoch kept: best perturbation consistency, or "agreement" (the paper's)
+    gate_margin: float = GATE_MARGIN  # the adapter is accepted if its score beats the source model's by this
 
     def check(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.selection not in SELECTIONS:
+            raise InputError(f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if not np.isfinite(self.gate_margin):
+            raise InputError(f"the gate margin must be a number, got {self.gate_margin}")
         if self.kind not in ADAPTER_KINDS:
             raise InputError(f"--kind must be one of {', '.join(ADAPTER_KINDS)}, got {self.kind!r}")
         for name in ("slices", "epochs", "rank", "batch_size", "experts"):
@@ -95,6 +118,7 @@ class EpochReport:
     epochs: int
     loss: float  # mean over the epoch's steps
     agreement: float  # early head vs final prediction, mean 2D surface Dice @ 1 mm
+    score: float  # the label-free selection score (perturbation consistency) of this epoch's model
     best_epoch: int
     elapsed_s: float
     eta_s: float
@@ -107,6 +131,13 @@ class AdaptDone:
     agreements: list[float]
     slice_indices: list[int]
     seconds: float
+    scores: list[float]  # the selection score after each epoch
+    source_score: float  # the source model's score on the same slices
+    accepted: bool  # the gate: the best epoch's score beats source_score by the margin
+
+    @property
+    def score(self) -> float:
+        return self.scores[self.best_epoch - 1]
 
 
 @dataclass(frozen=True)
@@ -221,12 +252,19 @@ def adapt(
         p.requires_grad_(False)
     optimizer = torch.optim.Adam(trainable, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
+    views = torch.Generator().manual_seed(config.seed + 1)
 
+    # Everything about the source model is measured before AdaBN changes its statistics.
+    source_score = consistency(unet, images, config.batch_size)
+    statistics = SourceStatistics(unet) if config.objective in ("feature-stats", "stats+pseudo") else None
+    if config.objective in ("pseudo-label", "stats+pseudo"):
+        labels, weights = pseudo_labels(multiview_probability(unet, images, config.batch_size))
     if config.adabn:
         reestimate_bn(unet, images)
     steps_per_epoch = -(-len(indices) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     agreements: list[float] = []
+    scores: list[float] = []
     best_epoch, best_state = 0, None
     step = 0
     for epoch in range(1, config.epochs + 1):
@@ -236,12 +274,22 @@ def adapt(
             if should_stop is not None and should_stop():
                 yield AdaptCancelled(step, time.perf_counter() - start)
                 return
-            x = images[order[first : first + config.batch_size].to(device)]
+            batch = order[first : first + config.batch_size].to(device)
+            x = images[batch]
             _train_mode(unet, head, config.adabn)
-            features = unet.encode(x)
-            with torch.no_grad():
-                target = torch.sigmoid(unet.decode(tuple(f.detach() for f in features)))
-            loss = F.binary_cross_entropy_with_logits(head(features[-1], x.shape[-2:]), target)
+            if config.objective == "early-head":
+                features = unet.encode(x)
+                with torch.no_grad():
+                    target = torch.sigmoid(unet.decode(tuple(f.detach() for f in features)))
+                loss = F.binary_cross_entropy_with_logits(head(features[-1], x.shape[-2:]), target)
+            else:
+                loss = torch.zeros((), device=device)
+                if statistics is not None:
+                    with statistics.measuring():
+                        unet.encode(x)
+                    loss = loss + statistics.loss()
+                if config.objective in ("pseudo-label", "stats+pseudo"):
+                    loss = loss + pseudo_label_loss(unet, x, labels[batch], weights[batch], views)
             if config.kind == "moe":
                 loss = loss + BALANCE_WEIGHT * balance_loss(unet)
             optimizer.zero_grad(set_to_none=True)
@@ -256,7 +304,9 @@ def adapt(
         if config.adabn:
             reestimate_bn(unet, images)
         agreements.append(agreement(unet, head, images, geometry, config.batch_size))
-        if best_state is None or agreements[-1] > agreements[best_epoch - 1]:
+        scores.append(consistency(unet, images, config.batch_size))
+        by = scores if config.selection == "consistency" else agreements
+        if best_state is None or by[-1] > by[best_epoch - 1]:
             best_epoch = epoch
             best_state = extract_adapter(unet, {}).tensors
         elapsed = time.perf_counter() - start
@@ -265,11 +315,13 @@ def adapt(
             config.epochs,
             float(np.mean(losses)),
             agreements[-1],
+            scores[-1],
             best_epoch,
             elapsed,
             elapsed / step * (total_steps - step),
         )
     seconds = time.perf_counter() - start
+    is_accepted = accepted(scores[best_epoch - 1], source_score, config.gate_margin)
     metadata = new_metadata(
         base,
         name,
@@ -284,13 +336,19 @@ def adapt(
         batch_size=config.batch_size,
         adabn=config.adabn,
         seed=config.seed,
+        objective=config.objective,
+        selection=config.selection,
         best_epoch=best_epoch,
         agreements=agreements,
+        scores=[round(v, 5) for v in scores],
+        source_score=round(source_score, 5),
+        gate_margin=config.gate_margin,
+        accepted=is_accepted,
         seconds=round(seconds, 3),
         **({"balance_weight": BALANCE_WEIGHT} if config.kind == "moe" else {}),
     )
     adapter = Adapter(best_state, metadata)
-    yield AdaptDone(adapter, best_epoch, agreements, indices, seconds)
+    yield AdaptDone(adapter, best_epoch, agreements, indices, seconds, scores, source_score, is_accepted)
 
 
 def run_adaptation(

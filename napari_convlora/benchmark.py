@@ -10,14 +10,26 @@ carried onto the simulated grid. Methods:
 - ``adabn``: encoder BN statistics re-estimated on the target slices, nothing trained;
 - ``udas``: UDAS-style self-training of the first (init) block's own weights, no
   LoRA, source BN statistics (same early-head agreement loss as ours);
-- ``convlora``: ConvLoRA self-training with the source BN statistics (the ablation);
-- ``convlora+adabn``: this project's method (:func:`napari_convlora.adapt.adapt`);
+- ``convlora``: ConvLoRA early-head self-training with the source BN statistics (the ablation);
+- ``paper``: ConvLoRA + AdaBN early-head self-training with the paper's epoch choice
+  (early-head/final agreement);
+- ``convlora+adabn``: the same with the epoch chosen by perturbation consistency;
+- ``mixbn``: encoder BN statistics half source, half target; nothing trained;
+- ``stats``, ``pseudo``, ``stats+pseudo``: ConvLoRA trained on the objectives of
+  :mod:`napari_convlora.objectives` (feature statistics, multi-view pseudo-labels,
+  both), source BN statistics;
 - ``moe`` and ``moe+adabn``: the same self-training with Conv-LoRA adapters with a
   mixture of 8 scale experts (``kind="moe"``), without and with AdaBN;
 - ``full-ft``: the whole U-Net fine-tuned on its own thresholded predictions
   (classic self-training on pseudo-labels);
 - ``oracle``: the whole U-Net fine-tuned, after AdaBN, on the *true* labels of the
   same target slices: what labels would buy with the same slice budget.
+
+Every cell also records the label-free scores a user would have (the
+perturbation consistency of the adapted model and of the source model on the
+same slices, and the early-head agreement where there is an early head), so the
+summary can say how well each score tracks accuracy and what the do-no-harm
+gate would have given, without running anything twice.
 
 Results are saved after every cell so that a run of hours that is stopped can
 resume (:func:`run_benchmark` skips cells already in ``done``).
@@ -35,7 +47,7 @@ import torch.nn.functional as F
 from nibabel import orientations
 
 from .adapt import AdaptConfig, _train_mode, reestimate_bn, run_adaptation, slices_for
-from .adapters import apply_adapter
+from .adapters import apply_adapter, encoder_batchnorms
 from .device import pick_device
 from .errors import InputError
 from .geometry import plan
@@ -43,6 +55,7 @@ from .inference import predict_logits, segment
 from .metrics import evaluate
 from .model import BaseModel, UNet2D
 from .nifti import Volume
+from .selection import GATE_MARGIN, accepted, consistency
 from .simulate import PROFILES, SOURCE_PROFILE, simulate
 from .training import segmentation_loss
 
@@ -51,7 +64,12 @@ METHODS: dict[str, str] = {
     "adabn": "AdaBN only: encoder BN statistics re-estimated on the target slices",
     "udas": "UDAS-style: the first block's own weights self-trained, no LoRA, source BN statistics",
     "convlora": "ConvLoRA self-training, source BN statistics",
-    "convlora+adabn": "ConvLoRA + AdaBN self-training (this project's method)",
+    "paper": "ConvLoRA + AdaBN early-head self-training, epoch by early-head agreement (the paper's method)",
+    "convlora+adabn": "ConvLoRA + AdaBN early-head self-training, epoch by perturbation consistency",
+    "mixbn": "encoder BN statistics half source, half target (re-estimated on the slices); nothing trained",
+    "stats": "ConvLoRA trained to match the source feature statistics, source BN statistics",
+    "pseudo": "ConvLoRA trained on multi-view pseudo-labels of the source model, source BN statistics",
+    "stats+pseudo": "ConvLoRA trained on feature statistics and pseudo-labels together, source BN statistics",
     "moe": "Conv-LoRA with a mixture of scale experts (MoE) self-training, source BN statistics",
     "moe+adabn": "Conv-LoRA with a mixture of scale experts (MoE) + AdaBN self-training",
     "full-ft": "full fine-tuning of the U-Net on its own thresholded predictions (pseudo-labels)",
@@ -75,6 +93,9 @@ class Cell:
     hd95_mm: float
     trainable_parameters: int
     adapt_seconds: float
+    score: float | None = None  # perturbation consistency of the adapted model on the target slices
+    source_score: float | None = None  # the same for the source model
+    agreement: float | None = None  # early-head/final agreement of the kept epoch (adapter methods)
 
 
 @dataclass(frozen=True)
@@ -82,6 +103,21 @@ class Adapted:
     model: BaseModel
     trainable_parameters: int
     seconds: float
+    agreement: float | None = None
+
+
+# Adapter methods: (kind, objective, AdaBN, epoch selection).
+ADAPTER_METHODS: dict[str, tuple[str, str, bool, str]] = {
+    "convlora": ("convlora", "early-head", False, "consistency"),
+    "paper": ("convlora", "early-head", True, "agreement"),
+    "convlora+adabn": ("convlora", "early-head", True, "consistency"),
+    "moe": ("moe", "early-head", False, "consistency"),
+    "moe+adabn": ("moe", "early-head", True, "consistency"),
+    "stats": ("convlora", "feature-stats", False, "consistency"),
+    "pseudo": ("convlora", "pseudo-label", False, "consistency"),
+    "stats+pseudo": ("convlora", "stats+pseudo", False, "consistency"),
+}
+MIX_SHARE = 0.5  # mixbn: share of the target statistics
 
 
 def central_slab(volume: Volume, mask: Volume, width_mm: float) -> tuple[Volume, Volume]:
@@ -142,11 +178,15 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
     start = time.perf_counter()
     if method == "source":
         return Adapted(base, 0, 0.0)
-    if method in ("convlora", "convlora+adabn", "moe", "moe+adabn"):
-        kind, _, adabn = method.partition("+")
-        done = run_adaptation(base, volume, replace(config, kind=kind, adabn=adabn == "adabn"), name=method)
+    if method in ADAPTER_METHODS:
+        kind, objective, adabn, selection = ADAPTER_METHODS[method]
+        settings = replace(config, kind=kind, objective=objective, adabn=adabn, selection=selection)
+        done = run_adaptation(base, volume, settings, name=method)
         return Adapted(
-            _with_unet(base.copy(), apply_adapter(base, done.adapter)), done.adapter.trainable_parameters, done.seconds
+            _with_unet(base.copy(), apply_adapter(base, done.adapter)),
+            done.adapter.trainable_parameters,
+            done.seconds,
+            done.agreements[done.best_epoch - 1],
         )
     device = pick_device(config.device)
     geometry, scaled = plan(volume, base.intensity_scaling)
@@ -156,8 +196,13 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
     model = base.copy()
     unet, head = model.unet.to(device), model.head.to(device)
     torch.manual_seed(config.seed)
-    if method == "adabn":
+    if method in ("adabn", "mixbn"):
+        source = [(bn.running_mean.clone(), bn.running_var.clone()) for _, bn in encoder_batchnorms(unet)]
         reestimate_bn(unet, images)
+        if method == "mixbn":
+            for (_, bn), (mean, var) in zip(encoder_batchnorms(unet), source, strict=True):
+                bn.running_mean.lerp_(mean, 1 - MIX_SHARE)
+                bn.running_var.lerp_(var, 1 - MIX_SHARE)
         return Adapted(_with_unet(model, unet.cpu()), 0, time.perf_counter() - start)
     if method == "udas":
         params = [p for name, p in unet.named_parameters() if name.startswith("init_path.")]
@@ -193,6 +238,13 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
     return Adapted(_with_unet(model, unet.cpu()), trainable, time.perf_counter() - start)
 
 
+def target_slices(base: BaseModel, volume: Volume, config: AdaptConfig) -> torch.Tensor:
+    """The unlabeled slices every method adapts on (as :func:`napari_convlora.adapt.adapt` picks them)."""
+    geometry, scaled = plan(volume, base.intensity_scaling)
+    stack = geometry.to_model(scaled)
+    return torch.from_numpy(stack[slices_for(stack, config)][:, None].copy())
+
+
 def run_benchmark(
     base: BaseModel,
     volume: Volume,
@@ -213,10 +265,13 @@ def run_benchmark(
             if not todo:
                 continue
             scan, reference = simulate(volume, mask, profile, seed=seed)
+            images = target_slices(base, scan, replace(config, seed=seed))
+            source_score = consistency(base.unet, images, config.batch_size)
             for method in todo:
                 if should_stop is not None and should_stop():
                     return
                 adapted = adapt_with(base, scan, reference, method, replace(config, seed=seed))
+                score = consistency(adapted.model.unet, images, config.batch_size)
                 result = segment(adapted.model, scan, device=config.device)
                 scores = evaluate(result.mask, reference.data, scan.spacing, tolerance_mm)
                 yield Cell(
@@ -228,6 +283,9 @@ def run_benchmark(
                     round(scores["hd95_mm"], 2),
                     adapted.trainable_parameters,
                     round(adapted.seconds, 2),
+                    round(score, 5),
+                    round(source_score, 5),
+                    None if adapted.agreement is None else round(adapted.agreement, 5),
                 )
 
 
@@ -267,7 +325,7 @@ def summarise(cells: list[Cell]) -> dict:
         if not per_seed:
             continue
         gaps[profile] = float(np.mean(per_seed))
-        if gaps[profile] >= MIN_GAP:
+        if gaps[profile] >= MIN_GAP and not PROFILES[profile].stress:
             for method, stats in table[profile].items():
                 recovery[method].append((stats["mean"] - table[profile]["source"]["mean"]) / gaps[profile])
     return {
@@ -275,7 +333,85 @@ def summarise(cells: list[Cell]) -> dict:
         "gap": gaps,
         "recovery": {m: float(np.mean(v)) for m, v in recovery.items() if v},
         "min_gap": MIN_GAP,
+        "gate": gate_summary(cells, gaps),
+        "criteria": criteria_summary(cells),
     }
+
+
+def _gated(cell: Cell, source: Cell) -> float:
+    """What a user gets with the gate: the adapted mask if its score passed, else the source model's."""
+    return cell.surface_dice if accepted(cell.score, cell.source_score) else source.surface_dice
+
+
+def gate_summary(cells: list[Cell], gaps: dict[str, float]) -> dict:
+    """Per method: cells accepted, worst loss against the source model with and without the gate, gated recovery.
+
+    Stress profiles are left out, as from every headline figure.
+    """
+    sources = {(c.profile, c.seed): c for c in cells if c.method == "source"}
+    out = {}
+    for method in dict.fromkeys(c.method for c in cells):
+        rows = [
+            (c, sources[c.profile, c.seed])
+            for c in cells
+            if c.method == method and c.score is not None and (c.profile, c.seed) in sources
+            and not PROFILES[c.profile].stress
+        ]  # fmt: skip
+        if method == "source" or not rows:
+            continue
+        plain = [c.surface_dice - s.surface_dice for c, s in rows]
+        gated = [_gated(c, s) - s.surface_dice for c, s in rows]
+        shares = []
+        for profile, gap in gaps.items():
+            if gap >= MIN_GAP and not PROFILES[profile].stress:
+                mine = [g for (c, _), g in zip(rows, gated, strict=True) if c.profile == profile]
+                if mine:
+                    shares.append(float(np.mean(mine)) / gap)
+        out[method] = {
+            "cells": len(rows),
+            "accepted": sum(accepted(c.score, c.source_score) for c, _ in rows),
+            "worst_without_gate": float(min(plain)),
+            "worst_with_gate": float(min(gated)),
+            "mean_gain_without_gate": float(np.mean(plain)),
+            "mean_gain_with_gate": float(np.mean(gated)),
+            "recovery_with_gate": float(np.mean(shares)) if shares else None,
+            "margin": GATE_MARGIN,
+        }
+    return out
+
+
+def criteria_summary(cells: list[Cell]) -> dict:
+    """How well each label-free score tracks the true surface Dice (Spearman rank correlations).
+
+    ``pooled``: over every cell; ``within_scan``: over the methods on one simulated
+    scan, averaged over scans (what choosing between adapters needs); ``gain``: the
+    score's change against the source model against the surface Dice's change.
+    """
+    from scipy.stats import spearmanr
+
+    sources = {(c.profile, c.seed): c for c in cells if c.method == "source"}
+    out = {}
+    for criterion in ("score", "agreement"):
+        rows = [c for c in cells if getattr(c, criterion) is not None and not PROFILES[c.profile].stress]
+        if len(rows) < 3:
+            continue
+        pooled = spearmanr([getattr(c, criterion) for c in rows], [c.surface_dice for c in rows]).statistic
+        within = []
+        for key in {(c.profile, c.seed) for c in rows}:
+            scan = [c for c in rows if (c.profile, c.seed) == key]
+            values = [getattr(c, criterion) for c in scan]
+            if len(scan) >= 3 and len(set(values)) > 1:
+                within.append(spearmanr(values, [c.surface_dice for c in scan]).statistic)
+        entry = {"pooled": float(pooled), "within_scan": float(np.mean(within)) if within else None, "cells": len(rows)}
+        if criterion == "score":
+            paired = [c for c in rows if c.method != "source" and (c.profile, c.seed) in sources]
+            gain = spearmanr(
+                [c.score - c.source_score for c in paired],
+                [c.surface_dice - sources[c.profile, c.seed].surface_dice for c in paired],
+            ).statistic
+            entry["gain"] = float(gain)
+        out[criterion] = entry
+    return out
 
 
 def markdown(summary: dict) -> str:
@@ -298,6 +434,31 @@ def markdown(summary: dict) -> str:
         f"{any_row[m]['trainable_parameters']:,}" if m in any_row else "" for m in methods) + " |")  # fmt: skip
     seconds = {m: np.mean([row[m]["adapt_seconds"] for row in table.values() if m in row]) for m in methods}
     lines.append("| adaptation seconds (mean) | | " + " | ".join(f"{seconds[m]:.1f}" for m in methods) + " |")
+    gate = summary.get("gate", {})
+    if gate:
+        lines += [
+            "",
+            f"Do-no-harm gate (accept if consistency beats the source model's by {GATE_MARGIN}; stress profiles out):",
+            "",
+            "| method | accepted | worst vs source, no gate | with gate | mean gain, no gate | with gate "
+            "| recovered share with gate |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for method, g in gate.items():
+            share = "" if g["recovery_with_gate"] is None else f"{g['recovery_with_gate']:.0%}"
+            lines.append(
+                f"| {method} | {g['accepted']}/{g['cells']} | {g['worst_without_gate']:+.3f} | "
+                f"{g['worst_with_gate']:+.3f} | {g['mean_gain_without_gate']:+.3f} | {g['mean_gain_with_gate']:+.3f} "
+                f"| {share} |"
+            )
+    criteria = summary.get("criteria", {})
+    if criteria:
+        lines += ["", "| label-free score | Spearman, all cells | within a scan (mean) | gain vs gain | cells |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for name, c in criteria.items():
+            within = "" if c["within_scan"] is None else f"{c['within_scan']:.2f}"
+            gain = f"{c['gain']:.2f}" if "gain" in c else ""
+            lines.append(f"| {name} | {c['pooled']:.2f} | {within} | {gain} | {c['cells']} |")
     return "\n".join(lines) + "\n"
 
 

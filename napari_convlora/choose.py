@@ -13,6 +13,10 @@ would read (:func:`napari_convlora.adapt.select_slices`):
 - ``agreement``: the ConvLoRA paper's epoch-selection criterion, the 2D surface
   Dice between the early head's and the final masks (a model that fits a scanner
   gives consistent answers at both depths).
+- ``consistency``: the score adaptation selects and gates with
+  (:func:`napari_convlora.selection.consistency`): how stable the mask stays
+  under noise, bias and blur. An adapter must beat the source model by the
+  gate's margin to be chosen, as a new adapter must to be accepted.
 
 Both are proxies, not accuracy: the reason string says which was used and gives
 every score, so the user can see why. ``scripts/bench_autopick.py`` measures how
@@ -36,11 +40,13 @@ from .geometry import plan
 from .library import ADAPTER_SUFFIX
 from .model import BaseModel, UNet2D
 from .nifti import Volume
+from .selection import GATE_MARGIN, consistency
 
 SOURCE = "source"
 CRITERIA = {
     "stats": "fit of the scan's encoder feature statistics to the candidate's BN statistics, exp(-KL)",
     "agreement": "agreement of early head and final mask (2D surface Dice @ 1 mm)",
+    "consistency": "stability of the mask under noise, bias and blur (Dice), adapters needing the gate's margin",
 }
 DEFAULT_CRITERION = "stats"
 
@@ -118,6 +124,8 @@ def choose_adapter(
         unet = unet.to(torch_device)
         if criterion == "stats":
             return statistics_fit(unet, images)
+        if criterion == "consistency":
+            return consistency(unet, images, batch_size=4)
         return agreement(unet, head, images, geometry, batch_size=4)
 
     found: dict[str, Adapter | None] = {SOURCE: None}
@@ -135,5 +143,6 @@ def choose_adapter(
             continue
         found[name] = adapter
         scores[name] = score(unet)
-    best = max(scores, key=lambda name: (scores[name], name == SOURCE))
+    margin = {SOURCE: GATE_MARGIN if criterion == "consistency" else 0.0}
+    best = max(scores, key=lambda name: (scores[name] + margin.get(name, 0.0), name == SOURCE))
     return AutoChoice(found[best], best, scores, skipped, criterion)

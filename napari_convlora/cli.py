@@ -54,9 +54,11 @@ def _seed(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .adapt import SELECTIONS
     from .adapters import ADAPTER_KINDS
     from .device import DEVICE_CHOICES
     from .geometry import INTENSITY_SCALINGS
+    from .objectives import OBJECTIVES
 
     parser = _Parser(prog="convlora", description="Skull stripping with per-scanner ConvLoRA adapters.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -99,6 +101,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-adabn",
         action="store_true",
         help="keep the source model's batch-norm statistics (adapters alone; see BENCHMARKS.md for when it helps)",
+    )
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="early-head",
+        help="label-free training objective (early-head: the paper's; see BENCHMARKS.md section 2)",
+    )
+    p.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default="consistency",
+        help="epoch kept: best perturbation consistency (default) or early-head agreement (the paper's)",
+    )
+    p.add_argument(
+        "--keep-rejected",
+        action="store_true",
+        help="write the adapter even when the do-no-harm gate rejects it (its metadata says accepted: false)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=2)
     p.add_argument("--seed", type=_seed, default=0)
@@ -287,6 +306,8 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
         kind=args.kind,
         experts=args.experts or DEFAULT_EXPERTS,
         adabn=not args.no_adabn,
+        objective=args.objective,
+        selection=args.selection,
     )
     config.check()
     volume = load_volume(args.input)
@@ -301,7 +322,8 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
                 bar.update(1)
             elif isinstance(report, EpochReport) and bar is not None:
                 bar.write(
-                    f"epoch {report.epoch}/{report.epochs}: loss {report.loss:.4f}, agreement {report.agreement:.4f}"
+                    f"epoch {report.epoch}/{report.epochs}: loss {report.loss:.4f}, "
+                    f"consistency {report.score:.4f}, agreement {report.agreement:.4f}"
                 )
             elif isinstance(report, (AdaptDone, AdaptCancelled)):
                 done = report
@@ -310,9 +332,22 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
             bar.close()
     assert isinstance(done, AdaptDone)
     done.adapter.metadata["description"] = args.description
-    save_adapter(done.adapter, output, overwrite=args.overwrite)
+    written = done.accepted or args.keep_rejected
+    if written:
+        save_adapter(done.adapter, output, overwrite=args.overwrite)
+    if not done.accepted:
+        print(
+            f"adaptation did not help on this scan; keeping the source model (consistency {done.score:.4f} against "
+            f"the source model's {done.source_score:.4f}); "
+            + (f"adapter written anyway to {output}" if written else "no adapter written (--keep-rejected writes it)"),
+            file=sys.stderr,
+        )
     return {
-        "adapter": str(output),
+        "adapter": str(output) if written else None,
+        "accepted": done.accepted,
+        "score": round(done.score, 5),
+        "source_score": round(done.source_score, 5),
+        "objective": args.objective,
         "name": name,
         "kind": args.kind,
         "trainable_parameters": done.adapter.trainable_parameters,
@@ -456,6 +491,9 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         "results": result.rows,
         "adapt_seconds": round(result.adapt_seconds, 2),
         "files": [str(p) for p in result.files],
+        "accepted": result.accepted,
+        "score": round(result.score, 5),
+        "source_score": round(result.source_score, 5),
     }
 
 
@@ -714,6 +752,11 @@ def _print_human(command: str, result: dict) -> None:
             f"adaptation: {result['adapt_seconds']:.1f} s on 10 unlabeled slices; "
             f"files in {Path(result['files'][0]).parent}"
         )
+        verdict = "accepts the adapter" if result["accepted"] else "would keep the source model"
+        print(
+            f"do-no-harm gate (no labels): consistency {result['score']:.4f} against the source model's "
+            f"{result['source_score']:.4f}: it {verdict}"
+        )
     elif command == "profiles":
         for profile in result["profiles"]:
             print(f"{profile['name']:13s} {profile['description']}")
@@ -731,6 +774,8 @@ def _print_human(command: str, result: dict) -> None:
             f"{result['output']}: brain {result['volume_ml']:.1f} ml, adapter {result['adapter']}, "
             f"{result['seconds']:.1f} s"
         )
+    elif result["adapter"] is None:
+        print(f"no adapter written: the source model scores as well ({result['source_score']:.4f})")
     else:
         print(
             f"{result['adapter']}: {result['kind']} adapter {result['name']!r}, "

@@ -37,6 +37,9 @@ class DemoResult:
     rows: dict[str, dict[str, float]]  # "source model" / "adapted" -> metrics
     adapt_seconds: float
     files: list[Path]
+    accepted: bool  # what the do-no-harm gate decided (the demo shows the adapted mask either way)
+    score: float
+    source_score: float
 
 
 def run_demo(
@@ -69,7 +72,7 @@ def run_demo(
         "source model": evaluate(before.mask, reference.data, scan.spacing),
         "adapted": evaluate(after.mask, reference.data, scan.spacing),
     }
-    return DemoResult(profile, rows, done.seconds, list(paths.values()))
+    return DemoResult(profile, rows, done.seconds, list(paths.values()), done.accepted, done.score, done.source_score)
 
 
 def _last(reports: Iterator[Report], progress: Callable[[Report], None] | None) -> AdaptDone:

@@ -66,3 +66,16 @@ def model_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     save_model(make_model(), path, training={"command": "tests: random weights"})
     return path
+
+
+@pytest.fixture
+def gate_open(monkeypatch):
+    """Every adapter passes the do-no-harm gate.
+
+    The tiny random models of these tests are judged by the gate by chance; tests
+    of what happens *after* adaptation need the adapter kept. The gate itself is
+    tested with the shipped model (tests/test_objectives.py).
+    """
+    import napari_convlora.adapt as adapt_module
+
+    monkeypatch.setattr(adapt_module, "accepted", lambda *args: True)

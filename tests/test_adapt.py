@@ -37,7 +37,10 @@ def test_reports_in_order_and_a_usable_adapter(model, small_volume):
     assert all(0.0 <= r.agreement <= 1.0 for r in epochs)
     done = reports[-1]
     assert isinstance(done, AdaptDone)
-    assert done.best_epoch == int(np.argmax(done.agreements)) + 1
+    assert done.best_epoch == int(np.argmax(done.scores)) + 1  # epoch chosen by perturbation consistency
+    assert len(done.agreements) == len(done.scores) == 2 and done.score == done.scores[done.best_epoch - 1]
+    paper = run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "selection": "agreement"}))
+    assert paper.best_epoch == int(np.argmax(paper.agreements)) + 1
     assert done.adapter.base_model_id == before == model.model_id
     assert done.adapter.metadata["slices"] == done.slice_indices and len(done.slice_indices) == 4
     assert small_volume.path.name not in json.dumps(done.adapter.metadata)  # shared files name no scan

@@ -104,3 +104,40 @@ def test_recovery_counts_only_profiles_with_a_real_gap():
     assert summary["recovery"]["convlora+adabn"] == pytest.approx(0.5)
     assert summary["table"]["philips-3t"]["convlora+adabn"]["sd"] == pytest.approx(np.std([0.5, 0.7], ddof=1))
     assert "| recovered share of the gap (gap >= 0.10) | | 0% | 50% |" in bench.markdown(summary)
+
+
+def test_quick_benchmark_records_label_free_scores_and_summarises_gate_and_criteria(quick_run):
+    out, _ = quick_run
+    result = json.loads((out / "results.json").read_text())
+    cells = result["cells"]
+    assert all(0.0 <= c["score"] <= 1.0 and 0.0 <= c["source_score"] <= 1.0 for c in cells)
+    assert len({c["source_score"] for c in cells if c["profile"] == "philips-3t"}) == 1  # one source score per scan
+    assert all(c["agreement"] is not None for c in cells if c["method"] in bench.ADAPTER_METHODS)
+    assert set(result["summary"]["gate"]) == set(bench.METHODS) - {"source"}
+    assert set(result["summary"]["criteria"]) == {"score", "agreement"}
+    assert "Do-no-harm gate" in (out / "table.md").read_text()
+
+
+def _scored_cell(profile, seed, method, surface_dice, score, source_score):
+    return bench.Cell(profile, seed, method, surface_dice, 0.9, 5.0, 0, 1.0, score, source_score, None)
+
+
+def test_gate_summary_keeps_the_source_where_the_score_did_not_improve():
+    cells = []
+    for seed in (0, 1):
+        cells += [
+            _scored_cell("ge-3t", seed, "source", 0.90, 0.80, 0.80),
+            _scored_cell("siemens-3t", seed, "source", 0.60, 0.70, 0.70),
+            _scored_cell("siemens-3t", seed, "stats", 0.75, 0.80, 0.70),  # helps, and the score says so
+            _scored_cell("ge-3t", seed, "stats", 0.85, 0.79, 0.80),  # hurts, the score fell: the gate refuses it
+            _scored_cell("stress-inverted", seed, "source", 0.10, 0.5, 0.5),
+            _scored_cell("stress-inverted", seed, "stats", 0.00, 0.9, 0.5),  # a stress cell: out of every headline
+        ]
+    summary = bench.summarise(cells)
+    gate = summary["gate"]["stats"]
+    assert gate["cells"] == 4 and gate["accepted"] == 2
+    assert gate["worst_without_gate"] == pytest.approx(-0.05) and gate["worst_with_gate"] == pytest.approx(0.0)
+    assert gate["recovery_with_gate"] == pytest.approx(0.5)  # siemens-3t: +0.15 of a 0.30 gap
+    assert summary["recovery"]["stats"] == pytest.approx(0.5)  # the stress profile's gap is not averaged in
+    criteria = summary["criteria"]["score"]
+    assert criteria["gain"] == pytest.approx(1.0) and criteria["cells"] == 8

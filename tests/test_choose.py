@@ -7,11 +7,13 @@ from dataclasses import replace
 import pytest
 import torch
 
+from napari_convlora import choose
 from napari_convlora.adapt import AdaptConfig, agreement, reestimate_bn, run_adaptation, select_slices
 from napari_convlora.adapters import apply_adapter, save_adapter
 from napari_convlora.choose import SOURCE, choose_adapter, statistics_fit
 from napari_convlora.errors import InputError
 from napari_convlora.geometry import plan
+from napari_convlora.selection import GATE_MARGIN, consistency
 
 from .conftest import make_model
 
@@ -80,3 +82,25 @@ def test_choice_with_an_empty_library_is_the_source_model(small_volume):
 def test_unknown_criterion_is_refused(small_volume):
     with pytest.raises(InputError, match="unknown criterion 'best'"):
         choose_adapter(make_model(), small_volume, [], device="cpu", criterion="best")
+
+
+def test_consistency_criterion_is_the_gates_score_and_the_source_keeps_the_margin(tmp_path, small_volume, monkeypatch):
+    torch.set_num_threads(1)
+    base = make_model()
+    adapted = run_adaptation(base, small_volume, AdaptConfig(slices=3, epochs=2, lr=1e-2, device="cpu"), name="mine")
+    mine = save_adapter(adapted.adapter, tmp_path / "mine.safetensors")
+    choice = choose_adapter(base, small_volume, [mine], device="cpu", slices=4, criterion="consistency")
+    _, images = _images(small_volume, 4)
+    assert choice.scores["mine"] == pytest.approx(consistency(apply_adapter(base, adapted.adapter), images, 4))
+    assert choice.scores[SOURCE] == pytest.approx(consistency(base.copy().unet, images, 4))
+    wins = choice.scores["mine"] > choice.scores[SOURCE] + GATE_MARGIN
+    assert choice.label == ("mine" if wins else SOURCE)
+    # an adapter that is better, but by less than the margin, does not displace the source model
+    fake = {"n": 0}
+
+    def scored(unet, images, batch_size=4):
+        fake["n"] += 1
+        return 0.80 if fake["n"] == 1 else 0.80 + GATE_MARGIN / 2
+
+    monkeypatch.setattr(choose, "consistency", scored)
+    assert choose_adapter(base, small_volume, [mine], device="cpu", slices=4, criterion="consistency").label == SOURCE

@@ -21,6 +21,11 @@ from .conftest import DATA, SAMPLE_MASK, make_model
 
 
 @pytest.fixture(autouse=True)
+def _gate_open(gate_open):
+    pass
+
+
+@pytest.fixture(autouse=True)
 def _library(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVLORA_HOME", str(tmp_path / "home"))
 

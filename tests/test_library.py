@@ -19,6 +19,11 @@ from .test_adapter_files import trained_adapter
 
 
 @pytest.fixture(autouse=True)
+def _gate_open(gate_open):
+    pass
+
+
+@pytest.fixture(autouse=True)
 def _library(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVLORA_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(library, "BUILTIN_ADAPTERS", tmp_path / "builtin")

@@ -17,6 +17,7 @@ pytest.importorskip("pytestqt")
 
 from napari.layers import Labels
 
+from napari_convlora import adapt as adapt_module
 from napari_convlora._napari import jobs
 from napari_convlora._napari.controls import AROUND
 from napari_convlora._napari.layers import MADE_BY_KEY
@@ -30,7 +31,7 @@ TIMEOUT_MS = 120_000
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
+def _isolated(monkeypatch, tmp_path, gate_open):
     monkeypatch.setenv("CONVLORA_HOME", str(tmp_path / "home"))
     torch.set_num_threads(1)
     monkeypatch.setattr(jobs, "worker_threads", lambda: 1)
@@ -132,7 +133,7 @@ def test_adapt_saves_selects_and_segments(viewer_widget, qtbot, tmp_path, model_
     assert "mask: scanner-b" in viewer.layers
     assert viewer.layers["mask: scanner-b"].data.shape == viewer.layers["head4mm"].data.shape
     assert widget.timings["adapt"] > 0 and widget.controls.adapt_button.text() == "Adapt"
-    assert widget.controls.train_plot.series["loss"] and widget.controls.train_plot.series["agreement"]
+    assert widget.controls.train_plot.series["loss"] and widget.controls.train_plot.series["consistency"]
     assert widget.controls.slice_list.count() == 2
     frames = viewer.layers["adapter slices: scanner-b"]  # a rectangle framing each learned slice
     assert len(frames.data) == 2
@@ -157,6 +158,36 @@ def test_adapt_saves_selects_and_segments(viewer_widget, qtbot, tmp_path, model_
     stamp = path.stat().st_mtime_ns
     widget.controls.adapt_button.click()
     assert not widget.jobs and path.stat().st_mtime_ns == stamp
+
+
+def test_an_adapter_the_gate_rejects_is_not_saved_or_used_and_the_user_is_told(
+    viewer_widget, qtbot, tmp_path, monkeypatch
+):
+    viewer, widget = viewer_widget
+    monkeypatch.setattr(adapt_module, "accepted", lambda *args: False)
+    warnings = []
+    monkeypatch.setattr("napari_convlora._napari.widget.show_warning", warnings.append)
+    widget.controls.slices_spin.setValue(2)
+    widget.controls.epochs_spin.setValue(1)
+    widget.controls.name_edit.setText("scanner-r")
+    layers = {layer.name for layer in viewer.layers}
+    widget.controls.adapt_button.click()
+    _wait_idle(qtbot, widget)
+    assert "adaptation did not help on this scan; keeping the source model" in warnings[-1]
+    assert "did not help" in widget.controls.adapt_status.text()
+    assert not (tmp_path / "home" / "adapters" / "scanner-r.safetensors").exists()
+    assert "mask: scanner-r" not in viewer.layers
+    assert {layer.name for layer in viewer.layers} - layers == {
+        "adapter slices: scanner-r"
+    }  # where it looked, nothing more
+    # asked to keep it: saved (marked rejected), still not used to segment
+    widget.controls.keep_rejected_check.setChecked(True)
+    widget.controls.name_edit.setText("scanner-k")
+    widget.controls.adapt_button.click()
+    _wait_idle(qtbot, widget)
+    kept = load_adapter(tmp_path / "home" / "adapters" / "scanner-k.safetensors")
+    assert kept.metadata["accepted"] is False and "saved anyway" in warnings[-1]
+    assert "mask: scanner-k" not in viewer.layers
 
 
 def test_cancel_leaves_everything_as_before(viewer_widget, qtbot, tmp_path, model_file):

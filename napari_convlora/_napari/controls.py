@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (
 
 from ..adapters import ADAPTER_KINDS
 from ..device import DEVICE_CHOICES
+from ..objectives import OBJECTIVES
 from .jobs import MetricsResult
 from .plots import LinePlot
 
@@ -107,11 +108,14 @@ class Controls(QWidget):
         self.kind_combo.addItems(ADAPTER_KINDS)
         self.adabn_check = QCheckBox("re-estimate batch-norm statistics on the scan (AdaBN)")
         self.adabn_check.setChecked(True)
+        self.objective_combo = QComboBox()  # the label-free objective (napari_convlora.objectives)
+        self.objective_combo.addItems(OBJECTIVES)
+        self.keep_rejected_check = QCheckBox("save the adapter even if it does not beat the source model")
         self.name_edit = QLineEdit()
         self.name_edit.setPlaceholderText("adapter name, e.g. philips-3t")
         self.adapt_button = QPushButton("Adapt")
         self.adapt_status = _label()
-        self.train_plot = LinePlot("adaptation: loss per step, agreement per epoch", "step")
+        self.train_plot = LinePlot("adaptation: loss per step, consistency per epoch", "step")
         self.slice_list = QListWidget()
         self.slice_list.setMaximumHeight(80)
         self.jump_button = QPushButton("Go to slice")
@@ -121,6 +125,8 @@ class Controls(QWidget):
         form.addRow("learning rate", self.lr_spin)
         form.addRow("adapter kind", self.kind_combo)
         form.addRow("", self.adabn_check)
+        form.addRow("objective", self.objective_combo)
+        form.addRow("", self.keep_rejected_check)
         form.addRow("name", self.name_edit)
         form.addRow(self.adapt_button)
         form.addRow(self.adapt_status)

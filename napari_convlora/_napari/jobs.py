@@ -108,7 +108,7 @@ def segment_job(
 @dataclass
 class AdaptResult:
     done: AdaptDone
-    path: Path  # where the adapter was saved in the library
+    path: Path | None  # where the adapter was saved in the library; None if the gate rejected it
     axis: int  # file axis of the sagittal slices it learned from
     file_slices: list[int] = field(default_factory=list)  # their indices along that axis
 
@@ -129,11 +129,13 @@ def adapt_job(
     name: str,
     stop: threading.Event,
     around: tuple[int, int, int] | None = None,
+    keep_rejected: bool = False,
 ) -> Generator[object, None, AdaptResult | None]:
     """Adapt to ``volume`` (slices spread, or ``config.slices`` around voxel ``around``), save to the library.
 
     Returns None when stopped: then nothing was written (the adapter is saved
-    atomically, and only after the last step).
+    atomically, and only after the last step). An adapter the do-no-harm gate
+    rejects is saved only with ``keep_rejected`` (its result's path is None otherwise).
     """
     limit_threads()
     path = library_path(name)
@@ -153,9 +155,11 @@ def adapt_job(
             yield report
     if done is None or stop.is_set():
         return None
+    axis, file_slices = model_slices_to_file(geometry, done.slice_indices)
+    if not (done.accepted or keep_rejected):
+        return AdaptResult(done, None, axis, file_slices)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_adapter(done.adapter, path, overwrite=False)
-    axis, file_slices = model_slices_to_file(geometry, done.slice_indices)
     return AdaptResult(done, path, axis, file_slices)
 
 

@@ -386,6 +386,7 @@ class ConvLoRAWidget(QWidget):
             device=c.device_combo.currentText(),
             kind=c.kind_combo.currentText(),
             adabn=c.adabn_check.isChecked(),
+            objective=c.objective_combo.currentText(),
         )
         c.name_edit.setText(name)
         c.train_plot.clear()
@@ -399,6 +400,7 @@ class ConvLoRAWidget(QWidget):
             config,
             name,
             around=around,
+            keep_rejected=c.keep_rejected_check.isChecked(),
             on_yield=self._on_adapt_progress,
             on_return=lambda r: self._on_adapted(r, layer.name),
             on_error=lambda e: self._on_error("adapt", e, config.device),
@@ -420,7 +422,7 @@ class ConvLoRAWidget(QWidget):
             )
         elif isinstance(report, EpochReport):
             step = self._progress["adapt"].n if "adapt" in self._progress else report.epoch
-            c.train_plot.add_point("agreement", step, report.agreement)
+            c.train_plot.add_point("consistency", step, report.score)
 
     def _on_adapted(self, result: jobs.AdaptResult | None, image_name: str) -> None:
         if self._closing:
@@ -430,13 +432,25 @@ class ConvLoRAWidget(QWidget):
             c.adapt_status.setText("adaptation cancelled: nothing was saved or added")
             return
         done = result.done
+        self._mark_slices(result, image_name)
+        if not done.accepted:
+            kept = f"; saved anyway as {result.path.name}" if result.path is not None else ""
+            message = (
+                f"adaptation did not help on this scan; keeping the source model (consistency {done.score:.3f}, "
+                f"source model {done.source_score:.3f}){kept}"
+            )
+            c.adapt_status.setText(message)
+            show_warning(f"napari-convlora: {message}")
+            self._clicked.pop("adapt", None)
+            if result.path is not None:
+                self.refresh_adapters()
+            return
         c.adapt_status.setText(
             f"saved {result.path.name} to the library ({done.adapter.trainable_parameters:,} trainable "
             f"parameters, best epoch {done.best_epoch}, {done.seconds:.1f} s); segmenting with it..."
         )
         self.refresh_adapters()
         c.select_adapter(str(result.path))
-        self._mark_slices(result, image_name)
         # segment with the new adapter once the adapt worker has finished (see _on_finished)
         self._pending_segment = (str(result.path), self._clicked.pop("adapt", time.perf_counter()))
 

@@ -1,0 +1,173 @@
+"""The label-free objectives, the consistency score and the do-no-harm gate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_convlora.adapt import AdaptConfig, EpochReport, adapt, reestimate_bn, run_adaptation
+from napari_convlora.adapters import apply_adapter, inject_convlora, set_trainable
+from napari_convlora.cli import main
+from napari_convlora.errors import InputError
+from napari_convlora.library import default_model_path
+from napari_convlora.model import load_model
+from napari_convlora.objectives import (
+    OBJECTIVES,
+    SourceStatistics,
+    multiview_probability,
+    pseudo_label_loss,
+    pseudo_labels,
+    warp,
+)
+from napari_convlora.selection import accepted, consistency, perturbations
+
+QUICK = AdaptConfig(slices=4, epochs=2, batch_size=2, lr=1e-3, seed=0, device="cpu", adabn=False)
+
+
+@pytest.mark.parametrize("objective", [o for o in OBJECTIVES if o != "early-head"])
+def test_a_few_steps_move_the_adapters(model, small_volume, objective):
+    done = run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "objective": objective}))
+    lora_b = [v for k, v in done.adapter.tensors.items() if k.endswith("lora_B")]
+    assert lora_b and any(torch.count_nonzero(v) for v in lora_b)
+    assert done.adapter.metadata["objective"] == objective
+    assert len(done.scores) == 2 and 0.0 <= done.source_score <= 1.0
+
+
+def test_zero_initialised_adapters_are_a_no_op_for_every_loss(model):
+    """Before any step the adapted network is the source network: statistics loss and outputs are the source's."""
+    images = torch.rand(4, 1, 32, 32)
+    unet = model.copy().unet.eval()
+    with torch.no_grad():
+        before = unet(images)
+    inject_convlora(unet)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(images), before)
+    stats = SourceStatistics(unet)
+    with stats.measuring(), torch.no_grad():
+        unet.encode(images)
+    assert torch.isfinite(stats.loss())
+
+
+def test_feature_statistics_loss_is_zero_on_the_source_statistics(model):
+    """Set the BN running statistics to the batch's own: the loss is (numerically) zero; shift the input: it is not."""
+    unet = model.copy().unet
+    images = torch.rand(6, 1, 32, 32)
+    reestimate_bn(unet, images)
+    stats = SourceStatistics(unet)
+    with stats.measuring(), torch.no_grad():
+        unet.encode(images)
+    matched = float(stats.loss())
+    assert matched < 0.02  # the running std is the unbiased one: a hair from the batch's
+    with stats.measuring(), torch.no_grad():
+        unet.encode(images * 3 + 1)
+    assert float(stats.loss()) > 10 * max(matched, 0.01)
+
+
+def test_feature_statistics_training_lowers_its_loss(model, small_volume):
+    config = AdaptConfig(**{**QUICK.__dict__, "objective": "feature-stats", "epochs": 6, "lr": 3e-3})
+    losses = [r.loss for r in adapt(model, small_volume, config) if isinstance(r, EpochReport)]
+    assert losses[-1] < losses[0]
+
+
+def test_pseudo_labels_keep_the_largest_component_and_mark_confidence():
+    p = torch.full((1, 1, 20, 20), 0.02)
+    p[0, 0, 2:12, 2:12] = 0.97  # the brain
+    p[0, 0, 15:18, 15:18] = 0.95  # a blob (a leak): confident, but not brain
+    p[0, 0, 0, :] = 0.6  # unsure
+    labels, weights = pseudo_labels(p)
+    assert labels[0, 0, 5, 5] == 1 and labels[0, 0, 16, 16] == 0 and labels.sum() == 100
+    assert weights[0, 0, 16, 16] == 1 and weights[0, 0, 0, 5] == 0 and weights[0, 0, 5, 5] == 1
+
+
+def test_multiview_probability_maps_every_view_back_to_the_slice(model):
+    """A model that returns its input: every view mapped back gives the input again (away from the border)."""
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return torch.logit(x.clamp(1e-4, 1 - 1e-4))
+
+    images = torch.zeros(1, 1, 64, 64)
+    images[0, 0, 24:40, 20:44] = 0.9
+    mean = multiview_probability(Identity(), images, batch_size=1)
+    inside = (slice(None), slice(None), slice(28, 36), slice(26, 38))
+    assert float((mean[inside] - images[inside]).abs().max()) < 0.15  # gamma views shift 0.9 a little
+    assert float(mean[..., :8, :8].max()) < 0.01
+    theta = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    torch.testing.assert_close(warp(images, theta), images, atol=1e-5, rtol=0)
+
+
+def test_pseudo_label_loss_has_gradients_only_into_the_adapters(model):
+    unet = model.copy().unet
+    inject_convlora(unet)
+    trainable = set_trainable(unet)
+    x = torch.rand(2, 1, 32, 32)
+    labels = (torch.rand(2, 1, 32, 32) > 0.5).float()
+    loss = pseudo_label_loss(unet, x, labels, torch.ones_like(labels), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert any(p.grad is not None and torch.count_nonzero(p.grad) for p in trainable)
+    assert all(p.grad is None for p in unet.parameters() if not p.requires_grad)
+
+
+def test_perturbations_are_fixed_and_consistency_is_in_range(model):
+    images = torch.rand(3, 1, 32, 32)
+    a, b = perturbations(images), perturbations(images)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) and len(a) == 3
+    score = consistency(model.unet, images, 2)
+    assert 0.0 <= score <= 1.0
+
+
+def test_an_empty_mask_is_not_perfectly_consistent(model):
+    """A collapsed model (every logit negative) scores 0: collapse must never pass the gate."""
+    unet = model.copy().unet
+    with torch.no_grad():
+        unet.out_path[-1].bias.fill_(-1e3)  # the final BatchNorm's shift
+    images = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        assert not (unet(images) > 0).any()
+    assert consistency(unet, images, 2) == 0.0
+
+
+def test_gate_rule():
+    assert accepted(0.90, 0.85, 0.005) and not accepted(0.853, 0.85, 0.005) and not accepted(0.80, 0.85, 0.005)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_model(default_model_path())
+
+
+HARMFUL = dict(slices=6, epochs=3, batch_size=2, lr=0.5, seed=0, device="cpu", adabn=False)
+
+
+def test_the_gate_refuses_a_harmful_adapter(shipped, small_volume):
+    """Adapting at lr 0.5 wrecks the shipped model on a real head: the score falls and the gate says no."""
+    done = run_adaptation(shipped, small_volume, AdaptConfig(**HARMFUL))
+    assert done.score < done.source_score and not done.accepted
+    assert done.adapter.metadata["accepted"] is False
+    harmed = apply_adapter(shipped, done.adapter)
+    assert consistency(harmed, torch.rand(2, 1, 64, 64)) >= 0.0  # the adapter still loads and runs
+
+
+def test_cli_writes_no_rejected_adapter_unless_asked(shipped, small_path, tmp_path, capsys):
+    out = tmp_path / "bad.safetensors"
+    args = ["adapt", str(small_path), "-o", str(out), "--device", "cpu", "--slices", "6", "--epochs", "3",
+            "--lr", "0.5", "--no-adabn", "--json"]  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["accepted"] is False and result["adapter"] is None and not out.exists()
+    assert "adaptation did not help on this scan; keeping the source model" in captured.err
+    assert main([*args, "--keep-rejected"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["adapter"] == str(out) and out.is_file()
+
+
+def test_bad_objective_and_selection_are_refused(model, small_volume):
+    with pytest.raises(InputError, match="--objective"):
+        run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "objective": "magic"}))
+    with pytest.raises(InputError, match="--selection"):
+        run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "selection": "luck"}))
+    assert np.isfinite(QUICK.gate_margin)
