@@ -133,6 +133,7 @@ class AdaptDone:
     seconds: float
     scores: list[float]  # the selection score after each epoch
     source_score: float  # the source model's score on the same slices
+    source_agreement: float  # the source model's early-head/final agreement on the same slices
     accepted: bool  # the gate: the best epoch's score beats source_score by the margin
 
     @property
@@ -256,6 +257,7 @@ def adapt(
 
     # Everything about the source model is measured before AdaBN changes its statistics.
     source_score = consistency(unet, images, config.batch_size)
+    source_agreement = agreement(unet, head, images, geometry, config.batch_size)
     statistics = SourceStatistics(unet) if config.objective in ("feature-stats", "stats+pseudo") else None
     if config.objective in ("pseudo-label", "stats+pseudo"):
         labels, weights = pseudo_labels(multiview_probability(unet, images, config.batch_size))
@@ -342,13 +344,16 @@ def adapt(
         agreements=agreements,
         scores=[round(v, 5) for v in scores],
         source_score=round(source_score, 5),
+        source_agreement=round(source_agreement, 5),
         gate_margin=config.gate_margin,
         accepted=is_accepted,
         seconds=round(seconds, 3),
         **({"balance_weight": BALANCE_WEIGHT} if config.kind == "moe" else {}),
     )
     adapter = Adapter(best_state, metadata)
-    yield AdaptDone(adapter, best_epoch, agreements, indices, seconds, scores, source_score, is_accepted)
+    yield AdaptDone(
+        adapter, best_epoch, agreements, indices, seconds, scores, source_score, source_agreement, is_accepted
+    )
 
 
 def run_adaptation(

@@ -46,11 +46,11 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations
 
-from .adapt import AdaptConfig, _train_mode, reestimate_bn, run_adaptation, slices_for
+from .adapt import AdaptConfig, _train_mode, agreement, reestimate_bn, run_adaptation, slices_for
 from .adapters import apply_adapter, encoder_batchnorms
 from .device import pick_device
 from .errors import InputError
-from .geometry import plan
+from .geometry import SliceGeometry, plan
 from .inference import predict_logits, segment
 from .metrics import evaluate
 from .model import BaseModel, UNet2D
@@ -95,7 +95,8 @@ class Cell:
     adapt_seconds: float
     score: float | None = None  # perturbation consistency of the adapted model on the target slices
     source_score: float | None = None  # the same for the source model
-    agreement: float | None = None  # early-head/final agreement of the kept epoch (adapter methods)
+    agreement: float | None = None  # early-head/final agreement of the model used (kept epoch for adapters)
+    source_agreement: float | None = None  # the same for the source model
 
 
 @dataclass(frozen=True)
@@ -238,11 +239,16 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
     return Adapted(_with_unet(model, unet.cpu()), trainable, time.perf_counter() - start)
 
 
-def target_slices(base: BaseModel, volume: Volume, config: AdaptConfig) -> torch.Tensor:
+def target_slices(base: BaseModel, volume: Volume, config: AdaptConfig) -> tuple[SliceGeometry, torch.Tensor]:
     """The unlabeled slices every method adapts on (as :func:`napari_convlora.adapt.adapt` picks them)."""
     geometry, scaled = plan(volume, base.intensity_scaling)
     stack = geometry.to_model(scaled)
-    return torch.from_numpy(stack[slices_for(stack, config)][:, None].copy())
+    return geometry, torch.from_numpy(stack[slices_for(stack, config)][:, None].copy())
+
+
+def early_agreement(model: BaseModel, base: BaseModel, geometry: SliceGeometry, images: torch.Tensor) -> float:
+    """The paper's criterion for any model: its final mask against the (frozen) early head reading its encoder."""
+    return agreement(model.unet.eval(), base.copy().head.eval(), images, geometry, batch_size=4)
 
 
 def run_benchmark(
@@ -265,13 +271,17 @@ def run_benchmark(
             if not todo:
                 continue
             scan, reference = simulate(volume, mask, profile, seed=seed)
-            images = target_slices(base, scan, replace(config, seed=seed))
+            geometry, images = target_slices(base, scan, replace(config, seed=seed))
             source_score = consistency(base.unet, images, config.batch_size)
+            source_agreement = early_agreement(base, base, geometry, images)
             for method in todo:
                 if should_stop is not None and should_stop():
                     return
                 adapted = adapt_with(base, scan, reference, method, replace(config, seed=seed))
                 score = consistency(adapted.model.unet, images, config.batch_size)
+                agreed = adapted.agreement
+                if agreed is None:
+                    agreed = early_agreement(adapted.model, base, geometry, images)
                 result = segment(adapted.model, scan, device=config.device)
                 scores = evaluate(result.mask, reference.data, scan.spacing, tolerance_mm)
                 yield Cell(
@@ -285,7 +295,8 @@ def run_benchmark(
                     round(adapted.seconds, 2),
                     round(score, 5),
                     round(source_score, 5),
-                    None if adapted.agreement is None else round(adapted.agreement, 5),
+                    round(agreed, 5),
+                    round(source_agreement, 5),
                 )
 
 
@@ -338,29 +349,39 @@ def summarise(cells: list[Cell]) -> dict:
     }
 
 
-def _gated(cell: Cell, source: Cell) -> float:
+GATE_CRITERIA = {"score": "source_score", "agreement": "source_agreement"}  # cell field -> its source twin
+
+
+def _passes(cell: Cell, criterion: str) -> bool:
+    return accepted(getattr(cell, criterion), getattr(cell, GATE_CRITERIA[criterion]))
+
+
+def _gated(cell: Cell, source: Cell, criterion: str = "score") -> float:
     """What a user gets with the gate: the adapted mask if its score passed, else the source model's."""
-    return cell.surface_dice if accepted(cell.score, cell.source_score) else source.surface_dice
+    return cell.surface_dice if _passes(cell, criterion) else source.surface_dice
 
 
 def gate_summary(cells: list[Cell], gaps: dict[str, float]) -> dict:
-    """Per method: cells accepted, worst loss against the source model with and without the gate, gated recovery.
+    """Per gate criterion and method: cells accepted, worst loss against the source model with and without
+    the gate, mean gain, gated recovery. Stress profiles are left out, as from every headline figure."""
+    return {criterion: _gate_summary(cells, gaps, criterion) for criterion in GATE_CRITERIA}
 
-    Stress profiles are left out, as from every headline figure.
-    """
+
+def _gate_summary(cells: list[Cell], gaps: dict[str, float], criterion: str) -> dict:
     sources = {(c.profile, c.seed): c for c in cells if c.method == "source"}
     out = {}
     for method in dict.fromkeys(c.method for c in cells):
         rows = [
             (c, sources[c.profile, c.seed])
             for c in cells
-            if c.method == method and c.score is not None and (c.profile, c.seed) in sources
-            and not PROFILES[c.profile].stress
+            if c.method == method and getattr(c, criterion) is not None
+            and getattr(c, GATE_CRITERIA[criterion]) is not None
+            and (c.profile, c.seed) in sources and not PROFILES[c.profile].stress
         ]  # fmt: skip
         if method == "source" or not rows:
             continue
         plain = [c.surface_dice - s.surface_dice for c, s in rows]
-        gated = [_gated(c, s) - s.surface_dice for c, s in rows]
+        gated = [_gated(c, s, criterion) - s.surface_dice for c, s in rows]
         shares = []
         for profile, gap in gaps.items():
             if gap >= MIN_GAP and not PROFILES[profile].stress:
@@ -369,7 +390,7 @@ def gate_summary(cells: list[Cell], gaps: dict[str, float]) -> dict:
                     shares.append(float(np.mean(mine)) / gap)
         out[method] = {
             "cells": len(rows),
-            "accepted": sum(accepted(c.score, c.source_score) for c, _ in rows),
+            "accepted": sum(_passes(c, criterion) for c, _ in rows),
             "worst_without_gate": float(min(plain)),
             "worst_with_gate": float(min(gated)),
             "mean_gain_without_gate": float(np.mean(plain)),
@@ -403,10 +424,13 @@ def criteria_summary(cells: list[Cell]) -> dict:
             if len(scan) >= 3 and len(set(values)) > 1:
                 within.append(spearmanr(values, [c.surface_dice for c in scan]).statistic)
         entry = {"pooled": float(pooled), "within_scan": float(np.mean(within)) if within else None, "cells": len(rows)}
-        if criterion == "score":
-            paired = [c for c in rows if c.method != "source" and (c.profile, c.seed) in sources]
+        twin = GATE_CRITERIA[criterion]
+        paired = [
+            c for c in rows if c.method != "source" and getattr(c, twin) is not None and (c.profile, c.seed) in sources
+        ]
+        if len(paired) >= 3:
             gain = spearmanr(
-                [c.score - c.source_score for c in paired],
+                [getattr(c, criterion) - getattr(c, twin) for c in paired],
                 [c.surface_dice - sources[c.profile, c.seed].surface_dice for c in paired],
             ).statistic
             entry["gain"] = float(gain)
@@ -434,20 +458,22 @@ def markdown(summary: dict) -> str:
         f"{any_row[m]['trainable_parameters']:,}" if m in any_row else "" for m in methods) + " |")  # fmt: skip
     seconds = {m: np.mean([row[m]["adapt_seconds"] for row in table.values() if m in row]) for m in methods}
     lines.append("| adaptation seconds (mean) | | " + " | ".join(f"{seconds[m]:.1f}" for m in methods) + " |")
-    gate = summary.get("gate", {})
-    if gate:
+    gates = summary.get("gate", {})
+    if any(gates.values()):
         lines += [
             "",
-            f"Do-no-harm gate (accept if consistency beats the source model's by {GATE_MARGIN}; stress profiles out):",
+            f"Do-no-harm gate (accept if the label-free score beats the source model's by {GATE_MARGIN}; "
+            "stress profiles out):",
             "",
-            "| method | accepted | worst vs source, no gate | with gate | mean gain, no gate | with gate "
+            "| gate score | method | accepted | worst vs source, no gate | with gate | mean gain, no gate | with gate "
             "| recovered share with gate |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
         ]
+    for criterion, gate in gates.items():
         for method, g in gate.items():
             share = "" if g["recovery_with_gate"] is None else f"{g['recovery_with_gate']:.0%}"
             lines.append(
-                f"| {method} | {g['accepted']}/{g['cells']} | {g['worst_without_gate']:+.3f} | "
+                f"| {criterion} | {method} | {g['accepted']}/{g['cells']} | {g['worst_without_gate']:+.3f} | "
                 f"{g['worst_with_gate']:+.3f} | {g['mean_gain_without_gate']:+.3f} | {g['mean_gain_with_gate']:+.3f} "
                 f"| {share} |"
             )

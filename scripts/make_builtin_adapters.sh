@@ -6,5 +6,6 @@ set -euo pipefail
 mkdir -p out/twins
 for p in ge-3t ge-1.5t philips-1.5t philips-3t siemens-1.5t siemens-3t; do
   convlora simulate ../shared/data/mni152/t1.nii.gz -o out/twins/mni152_$p.nii.gz --profile $p --seed 0 --overwrite
-  convlora adapt out/twins/mni152_$p.nii.gz --name $p --seed 0 --device cpu -o resources/adapters/$p.safetensors --overwrite
+  # --keep-rejected: a built-in is the reference of its profile for auto-pick, whatever the gate says of it
+  convlora adapt out/twins/mni152_$p.nii.gz --name $p --seed 0 --device cpu -o resources/adapters/$p.safetensors --overwrite --keep-rejected --json
 done

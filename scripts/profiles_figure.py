@@ -1,6 +1,6 @@
-"""Draw one sagittal slice of the sample head under every simulated scanner profile: docs/profiles.png.
+"""Draw one sagittal slice of a head (the sample by default) under every simulated scanner profile.
 
-Usage: python scripts/profiles_figure.py [--seed 0] [--out docs/profiles.png]
+Usage: python scripts/profiles_figure.py [--seed 0] [--out docs/profiles.png] [--t1 T1 --mask MASK]
 Each panel is what the shipped model sees (RAS, 1 mm in-plane, scaled its way, cropped), with the
 reference brain mask outline in red.
 """
@@ -37,14 +37,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "profiles.png")
+    parser.add_argument("--t1", type=Path, default=ROOT / "resources" / "sample" / "colin27_t1.nii.gz")
+    parser.add_argument("--mask", type=Path, default=ROOT / "resources" / "sample" / "colin27_mask_consensus.nii.gz")
     args = parser.parse_args()
-    volume = load_volume(ROOT / "resources" / "sample" / "colin27_t1.nii.gz")
-    mask = load_mask(ROOT / "resources" / "sample" / "colin27_mask_consensus.nii.gz")
+    volume, mask = load_volume(args.t1), load_mask(args.mask)
     scaling = load_model(SOURCE_MODEL).intensity_scaling
     panels = [panel(*simulate(volume, mask, name, seed=args.seed), scaling) for name in PROFILES]
     h, w = max(p.shape[0] for p in panels), max(p.shape[1] for p in panels)
     panels = [np.pad(p, ((0, h - p.shape[0]), (0, w - p.shape[1]), (0, 0))) for p in panels]
-    columns = 3
+    columns = 4
+    panels += [np.zeros_like(panels[0])] * (-len(panels) % columns)
     rows = [np.concatenate(panels[i : i + columns], axis=1) for i in range(0, len(panels), columns)]
     imsave(args.out, (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).astype(np.uint8), check_contrast=False)
     print(f"{args.out}: panels in order {', '.join(PROFILES)} ({columns} per row)")

@@ -112,8 +112,10 @@ def test_quick_benchmark_records_label_free_scores_and_summarises_gate_and_crite
     cells = result["cells"]
     assert all(0.0 <= c["score"] <= 1.0 and 0.0 <= c["source_score"] <= 1.0 for c in cells)
     assert len({c["source_score"] for c in cells if c["profile"] == "philips-3t"}) == 1  # one source score per scan
-    assert all(c["agreement"] is not None for c in cells if c["method"] in bench.ADAPTER_METHODS)
-    assert set(result["summary"]["gate"]) == set(bench.METHODS) - {"source"}
+    assert all(0.0 <= c["agreement"] <= 1.0 and 0.0 <= c["source_agreement"] <= 1.0 for c in cells)
+    assert all(c["agreement"] == c["source_agreement"] for c in cells if c["method"] == "source")
+    assert set(result["summary"]["gate"]) == {"score", "agreement"}
+    assert set(result["summary"]["gate"]["score"]) == set(bench.METHODS) - {"source"}
     assert set(result["summary"]["criteria"]) == {"score", "agreement"}
     assert "Do-no-harm gate" in (out / "table.md").read_text()
 
@@ -134,7 +136,8 @@ def test_gate_summary_keeps_the_source_where_the_score_did_not_improve():
             _scored_cell("stress-inverted", seed, "stats", 0.00, 0.9, 0.5),  # a stress cell: out of every headline
         ]
     summary = bench.summarise(cells)
-    gate = summary["gate"]["stats"]
+    gate = summary["gate"]["score"]["stats"]
+    assert summary["gate"]["agreement"] == {}  # no agreement recorded in these cells
     assert gate["cells"] == 4 and gate["accepted"] == 2
     assert gate["worst_without_gate"] == pytest.approx(-0.05) and gate["worst_with_gate"] == pytest.approx(0.0)
     assert gate["recovery_with_gate"] == pytest.approx(0.5)  # siemens-3t: +0.15 of a 0.30 gap
