@@ -52,6 +52,8 @@ from .model import BaseModel, UNet2D
 from .nifti import Volume
 from .objectives import (
     OBJECTIVES,
+    PSEUDO_LABEL_OBJECTIVES,
+    STATISTICS_OBJECTIVES,
     SourceStatistics,
     multiview_probability,
     pseudo_label_loss,
@@ -258,8 +260,8 @@ def adapt(
     # Everything about the source model is measured before AdaBN changes its statistics.
     source_score = consistency(unet, images, config.batch_size)
     source_agreement = agreement(unet, head, images, geometry, config.batch_size)
-    statistics = SourceStatistics(unet) if config.objective in ("feature-stats", "stats+pseudo") else None
-    if config.objective in ("pseudo-label", "stats+pseudo"):
+    statistics = SourceStatistics(unet) if config.objective in STATISTICS_OBJECTIVES else None
+    if config.objective in PSEUDO_LABEL_OBJECTIVES:
         labels, weights = pseudo_labels(multiview_probability(unet, images, config.batch_size))
     if config.adabn:
         reestimate_bn(unet, images)
@@ -290,7 +292,7 @@ def adapt(
                     with statistics.measuring():
                         unet.encode(x)
                     loss = loss + statistics.loss()
-                if config.objective in ("pseudo-label", "stats+pseudo"):
+                if config.objective in PSEUDO_LABEL_OBJECTIVES:
                     loss = loss + pseudo_label_loss(unet, x, labels[batch], weights[batch], views)
             if config.kind == "moe":
                 loss = loss + BALANCE_WEIGHT * balance_loss(unet)

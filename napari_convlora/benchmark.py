@@ -190,10 +190,8 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
             done.agreements[done.best_epoch - 1],
         )
     device = pick_device(config.device)
-    geometry, scaled = plan(volume, base.intensity_scaling)
-    stack = geometry.to_model(scaled)
-    indices = slices_for(stack, config)
-    images = torch.from_numpy(stack[indices][:, None].copy()).to(device)
+    geometry, indices, images = target_slices(base, volume, config)
+    images = images.to(device)
     model = base.copy()
     unet, head = model.unet.to(device), model.head.to(device)
     torch.manual_seed(config.seed)
@@ -218,7 +216,7 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
              lambda: _train_mode(unet, head, adabn=False))  # fmt: skip
     elif method in ("full-ft", "oracle"):
         if method == "full-ft":
-            logits = np.concatenate([b for _, b in predict_logits(unet, stack[indices], device)])
+            logits = np.concatenate([b for _, b in predict_logits(unet, images[:, 0].cpu().numpy(), device)])
             labels = torch.from_numpy((logits > 0)[:, None].astype(np.float32)).to(device)
             epochs, lr = config.epochs, config.lr
         else:
@@ -239,16 +237,19 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
     return Adapted(_with_unet(model, unet.cpu()), trainable, time.perf_counter() - start)
 
 
-def target_slices(base: BaseModel, volume: Volume, config: AdaptConfig) -> tuple[SliceGeometry, torch.Tensor]:
-    """The unlabeled slices every method adapts on (as :func:`napari_convlora.adapt.adapt` picks them)."""
+def target_slices(
+    base: BaseModel, volume: Volume, config: AdaptConfig
+) -> tuple[SliceGeometry, list[int], torch.Tensor]:
+    """The unlabeled slices every method adapts on (as :func:`napari_convlora.adapt.adapt` picks them), on the CPU."""
     geometry, scaled = plan(volume, base.intensity_scaling)
     stack = geometry.to_model(scaled)
-    return geometry, torch.from_numpy(stack[slices_for(stack, config)][:, None].copy())
+    indices = slices_for(stack, config)
+    return geometry, indices, torch.from_numpy(stack[indices][:, None].copy())
 
 
 def early_agreement(model: BaseModel, base: BaseModel, geometry: SliceGeometry, images: torch.Tensor) -> float:
     """The paper's criterion for any model: its final mask against the (frozen) early head reading its encoder."""
-    return agreement(model.unet.eval(), base.copy().head.eval(), images, geometry, batch_size=4)
+    return agreement(model.unet.eval(), base.head.eval(), images, geometry, batch_size=4)
 
 
 def run_benchmark(
@@ -271,7 +272,7 @@ def run_benchmark(
             if not todo:
                 continue
             scan, reference = simulate(volume, mask, profile, seed=seed)
-            geometry, images = target_slices(base, scan, replace(config, seed=seed))
+            geometry, _, images = target_slices(base, scan, replace(config, seed=seed))
             source_score = consistency(base.unet, images, config.batch_size)
             source_agreement = early_agreement(base, base, geometry, images)
             for method in todo:
@@ -356,7 +357,7 @@ def _passes(cell: Cell, criterion: str) -> bool:
     return accepted(getattr(cell, criterion), getattr(cell, GATE_CRITERIA[criterion]))
 
 
-def _gated(cell: Cell, source: Cell, criterion: str = "score") -> float:
+def _gated(cell: Cell, source: Cell, criterion: str) -> float:
     """What a user gets with the gate: the adapted mask if its score passed, else the source model's."""
     return cell.surface_dice if _passes(cell, criterion) else source.surface_dice
 

@@ -33,6 +33,8 @@ from .adapters import encoder_batchnorms
 from .model import UNet2D
 
 OBJECTIVES = ("early-head", "feature-stats", "pseudo-label", "stats+pseudo")
+STATISTICS_OBJECTIVES = ("feature-stats", "stats+pseudo")  # those with the feature-statistics loss
+PSEUDO_LABEL_OBJECTIVES = ("pseudo-label", "stats+pseudo")  # those with the pseudo-label loss
 CONFIDENCE = 0.4  # a pseudo-labelled pixel counts when |p - 0.5| >= this
 CONSISTENCY_WEIGHT = 1.0
 # Views of the pseudo-label: (rotation degrees, zoom, gamma). Invertible, and within the source training

@@ -45,7 +45,7 @@ def main() -> None:
     cells = result["cells"]
     for profile, seed in sorted({(c["profile"], c["seed"]) for c in cells}):
         scan, reference = simulate(volume, mask, profile, seed=seed)
-        geometry, images = target_slices(base, scan, replace(config, seed=seed))
+        geometry, _, images = target_slices(base, scan, replace(config, seed=seed))
         source = early_agreement(base, base, geometry, images)
         found = {}
         for cell in (c for c in cells if (c["profile"], c["seed"]) == (profile, seed)):
