@@ -45,6 +45,10 @@ def _positive_int(text: str) -> int:
     return _number(text, int, 1, what="a whole number of at least 1")
 
 
+def _non_negative_int(text: str) -> int:
+    return _number(text, int, 0, what="a whole number of at least 0")
+
+
 def _positive_float(text: str) -> float:
     return _number(text, float, math.ulp(0.0), what="a positive number")
 
@@ -174,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", type=Path, help="start from these weights (same --width) instead of random ones")
     p.add_argument("--checkpoint", type=Path, help="resumable checkpoint (default: OUTPUT.checkpoint)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
+    p.add_argument(
+        "--workers",
+        type=_non_negative_int,
+        default=0,
+        help="processes that augment batches ahead (0: none; the batches are the same either way)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -403,8 +413,10 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
         seed=args.seed,
         device=args.device,
         intensity_scaling=args.intensity_scaling,
+        workers=args.workers,
     )
-    # The code that trains is the code checked out now, not whatever HEAD is when training ends.
+    # The code that trains is the code checked out now, not whatever HEAD is when training ends. A copy of
+    # the tree without .git (a training machine) can name its revision in CONVLORA_GIT_REVISION.
     try:
         revision = (
             subprocess.run(
@@ -414,6 +426,7 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
         )
     except OSError:
         revision = None
+    revision = revision or os.environ.get("CONVLORA_GIT_REVISION") or None
     heads = load_heads([(Path(t1), Path(mask)) for t1, mask in args.head], config.intensity_scaling)
     init = load_model(args.init) if args.init else None
     bar = _progress_bar("training")

@@ -11,14 +11,19 @@ ConvLoRA paper.
 :func:`train_source` is a generator of progress reports that writes a
 checkpoint (safetensors: model and Adam moments; JSON: step and settings) every
 ``checkpoint_every`` steps and resumes from it. Each step's randomness derives
-from (seed, step), so a resumed run continues exactly as an uninterrupted one.
+from (seed, step), so a resumed run continues exactly as an uninterrupted one,
+and batches can be augmented ahead in worker processes (``workers``) without
+changing a single sample: on a GPU the numpy/scipy augmentation, not the
+network, sets the pace.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +55,7 @@ class TrainConfig:
     device: str = "auto"
     checkpoint_every: int = 50
     intensity_scaling: str = "tissue"  # a key of geometry.INTENSITY_SCALINGS, recorded in the model file
+    workers: int = 0  # processes that augment batches ahead (0: in the training process); same batches either way
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,10 @@ def augment(
     return np.clip(img, 0.0, 1.5).astype(np.float32), (msk > 0.5).astype(np.float32)
 
 
-def sample_batch(heads: list[Head], rng: np.random.Generator, batch_size: int, crop: tuple[int, int]):
+def sample_batch(
+    heads: list[Head], rng: np.random.Generator, batch_size: int, crop: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``batch_size`` augmented (image, mask) pairs as (B, 1, H, W) float32 arrays; 85% of them hold brain."""
     images, masks = [], []
     for _ in range(batch_size):
         head = heads[rng.integers(len(heads))]
@@ -158,7 +167,48 @@ def sample_batch(heads: list[Head], rng: np.random.Generator, batch_size: int, c
         image, mask = augment(head.images[index], head.masks[index], rng, crop)
         images.append(image)
         masks.append(mask)
-    return torch.from_numpy(np.stack(images)[:, None]), torch.from_numpy(np.stack(masks)[:, None])
+    return np.stack(images)[:, None], np.stack(masks)[:, None]
+
+
+def step_batch(heads: list[Head], config: TrainConfig, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """The augmented batch of training step ``step`` (1-based over both phases): a function of (seed, step) alone."""
+    return sample_batch(heads, np.random.default_rng([config.seed, step]), config.batch_size, config.crop)
+
+
+_worker_heads: list[Head] = []
+
+
+def _init_worker(heads: list[Head]) -> None:
+    global _worker_heads
+    _worker_heads = heads
+
+
+def _worker_batch(config: TrainConfig, step: int) -> tuple[np.ndarray, np.ndarray]:
+    return step_batch(_worker_heads, config, step)
+
+
+def _batches(heads: list[Head], config: TrainConfig, steps: range) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The batches of ``steps`` in order, made ahead by ``config.workers`` processes (at most 2 per worker queued)."""
+    if config.workers <= 0:
+        for step in steps:
+            yield step_batch(heads, config, step)
+        return
+    # fork shares the heads with the workers without copying them; elsewhere they are sent once per worker
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    with context.Pool(config.workers, initializer=_init_worker, initargs=(heads,)) as pool:
+        pending: deque = deque()
+        upcoming = iter(steps)
+        for step in upcoming:
+            pending.append(pool.apply_async(_worker_batch, (config, step)))
+            if len(pending) >= 2 * config.workers:
+                break
+        while pending:
+            batch = pending.popleft().get()
+            step = next(upcoming, None)
+            if step is not None:
+                pending.append(pool.apply_async(_worker_batch, (config, step)))
+            yield batch
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -180,7 +230,7 @@ def heads_sha256(heads: list[Head]) -> str:
 
 def _resumable(config: TrainConfig, data_id: str) -> dict:
     """What must match for a checkpoint to continue: everything but the device and checkpoint cadence."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("device", "checkpoint_every")}
+    settings = {k: v for k, v in asdict(config).items() if k not in ("device", "checkpoint_every", "workers")}
     return json.loads(json.dumps({**settings, "data_sha256": data_id}))
 
 
@@ -278,14 +328,14 @@ def train_source(
         optimizer = torch.optim.Adam(params, lr=config.lr)
         if phase == current:
             _restore_optimizer(optimizer, moments)
-        for step in range(max(done_steps, offset) + 1, offset + n_steps + 1):
+        steps = range(max(done_steps, offset) + 1, offset + n_steps + 1)
+        for step, batch in zip(steps, _batches(heads, config, steps), strict=True):
             if should_stop is not None and should_stop():
                 return
             local = step - offset
             for group in optimizer.param_groups:  # cosine decay to 1% of the initial rate
                 group["lr"] = config.lr * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * (local - 1) / n_steps)))
-            rng = np.random.default_rng([config.seed, step])
-            x, y = (t.to(device) for t in sample_batch(heads, rng, config.batch_size, config.crop))
+            x, y = (torch.from_numpy(a).to(device) for a in batch)
             if current == "unet":
                 unet.train()
                 loss = segmentation_loss(unet(x), y)

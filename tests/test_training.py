@@ -147,3 +147,19 @@ def test_init_starts_from_the_given_weights_and_binds_the_checkpoint(tmp_path, h
     wide = TrainConfig(**{**still.__dict__, "width": 8})
     with pytest.raises(InputError, match="not a 8-wide model"):
         list(train_source(heads, wide, init=first))
+
+
+def test_worker_processes_make_the_same_batches_and_model(heads):
+    from napari_convlora.training import _batches, step_batch
+
+    config = TrainConfig(**{**TINY.__dict__, "workers": 2})
+    steps = range(3, 9)
+    made = list(_batches(heads, config, steps))
+    assert len(made) == len(steps)
+    for step, (x, y) in zip(steps, made, strict=True):
+        x0, y0 = step_batch(heads, TINY, step)
+        assert np.array_equal(x, x0) and np.array_equal(y, y0)
+    alone = next(r for r in train_source(heads, TINY) if isinstance(r, TrainDone)).model
+    helped = next(r for r in train_source(heads, config) if isinstance(r, TrainDone)).model
+    for key, value in alone.state_dict().items():
+        assert torch.equal(value, helped.state_dict()[key]), key
