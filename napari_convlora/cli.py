@@ -416,7 +416,7 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
         workers=args.workers,
     )
     # The code that trains is the code checked out now, not whatever HEAD is when training ends. A copy of
-    # the tree without .git (a training machine) can name its revision in CONVLORA_GIT_REVISION.
+    # the tree sent to a training machine (no .git, or a stale one) names its revision in CONVLORA_GIT_REVISION.
     try:
         revision = (
             subprocess.run(
@@ -426,7 +426,7 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
         )
     except OSError:
         revision = None
-    revision = revision or os.environ.get("CONVLORA_GIT_REVISION") or None
+    revision = os.environ.get("CONVLORA_GIT_REVISION") or revision
     heads = load_heads([(Path(t1), Path(mask)) for t1, mask in args.head], config.intensity_scaling)
     init = load_model(args.init) if args.init else None
     bar = _progress_bar("training")
