@@ -61,7 +61,10 @@ def main() -> int:
         if not ((args.heads / n / "mask_consensus.nii.gz").is_file() and t1_file(args.heads / n).is_file())
     ]
     if missing:
-        print(f"error: {args.heads}: no prepared head {', '.join(missing)} (run scripts/prepare_heads.py)")
+        print(
+            f"error: {args.heads}: no prepared head {', '.join(missing)} (run scripts/prepare_heads.py)",
+            file=sys.stderr,
+        )
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     jobs = [] if args.no_all else [("all", INDIVIDUALS + TEMPLATES)]
