@@ -10,8 +10,10 @@ model's, or multi-view pseudo-labels of the source model. After each epoch the
 BN statistics are re-estimated for the new weights and the model is scored
 without labels (:func:`napari_convlora.selection.consistency`, the masks'
 stability under perturbations no objective trains on); the best epoch is kept,
-and it is *accepted* only if it beats the source model's score (the do-no-harm
-gate). The early-head/final agreement of the paper is still measured and reported.
+and it is *accepted* only if it beats the source model on the do-no-harm gate's
+score (by default the confidence of the whole-volume mask, which takes two
+segmentations of the scan; :mod:`napari_convlora.selection`). The
+early-head/final agreement of the paper is still measured and reported.
 
 The adapters are ConvLoRA by default, or (``kind="moe"``) Conv-LoRA with a
 mixture of scale experts, whose load-balancing loss is then added to the
@@ -25,7 +27,7 @@ modified, whatever happens.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +49,7 @@ from .adapters import (
 from .device import pick_device
 from .errors import InputError
 from .geometry import SliceGeometry, plan
+from .inference import SegmentProgress, iter_segment
 from .metrics import surface_dice
 from .model import BaseModel, UNet2D
 from .nifti import Volume
@@ -59,7 +62,7 @@ from .objectives import (
     pseudo_label_loss,
     pseudo_labels,
 )
-from .selection import GATE_MARGIN, accepted, consistency
+from .selection import DEFAULT_GATE, GATE_MARGINS, GATES, accepted, consistency, mask_confidence
 
 # Weight of the MoE load-balancing loss (summed over layers) against the self-training BCE: the
 # value of Shazeer et al. and of the Conv-LoRA code. It only keeps experts in use; the gate learns from it alone.
@@ -83,15 +86,19 @@ class AdaptConfig:
     experts: int = DEFAULT_EXPERTS  # scale experts per layer (kind "moe" only)
     objective: str = "early-head"  # see OBJECTIVES and napari_convlora.objectives
     selection: str = "consistency"  # epoch kept: best perturbation consistency, or "agreement" (the paper's)
-    gate_margin: float = GATE_MARGIN  # the adapter is accepted if its score beats the source model's by this
+    gate: str = DEFAULT_GATE  # the do-no-harm gate's score: see selection.GATES
+    gate_margin: float | None = None  # accepted if the gate's score beats the source model's by this (None: per gate)
 
     def check(self) -> None:
         if self.objective not in OBJECTIVES:
             raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.selection not in SELECTIONS:
             raise InputError(f"--selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
-        if not np.isfinite(self.gate_margin):
+        if self.gate not in GATES:
+            raise InputError(f"--gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if self.gate_margin is not None and not np.isfinite(self.gate_margin):
             raise InputError(f"the gate margin must be a number, got {self.gate_margin}")
+
         if self.kind not in ADAPTER_KINDS:
             raise InputError(f"--kind must be one of {', '.join(ADAPTER_KINDS)}, got {self.kind!r}")
         for name in ("slices", "epochs", "rank", "batch_size", "experts"):
@@ -101,6 +108,10 @@ class AdaptConfig:
             raise InputError(f"--lr must be a positive number, got {self.lr}")
         if not (self.alpha > 0 and np.isfinite(self.alpha)):
             raise InputError(f"alpha must be a positive number, got {self.alpha}")
+
+    @property
+    def margin(self) -> float:
+        return GATE_MARGINS[self.gate] if self.gate_margin is None else self.gate_margin
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,15 @@ class EpochReport:
 
 
 @dataclass(frozen=True)
+class GateProgress:
+    """The gate segments the whole scan with the source and the adapted model: slices done of both."""
+
+    done: int
+    total: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
 class AdaptDone:
     adapter: Adapter
     best_epoch: int
@@ -136,11 +156,19 @@ class AdaptDone:
     scores: list[float]  # the selection score after each epoch
     source_score: float  # the source model's score on the same slices
     source_agreement: float  # the source model's early-head/final agreement on the same slices
-    accepted: bool  # the gate: the best epoch's score beats source_score by the margin
+    accepted: bool  # the do-no-harm gate: gate_score beats gate_source_score by the gate's margin
+    gate: str  # which score the gate read (selection.GATES)
+    gate_score: float  # the adapted model's
+    gate_source_score: float  # the source model's, on the same scan
 
     @property
     def score(self) -> float:
         return self.scores[self.best_epoch - 1]
+
+    @property
+    def gate_text(self) -> str:
+        """The gate's evidence in words, for the user: which score, the adapter's and the source model's."""
+        return f"{self.gate} {self.gate_score:.4f} against the source model's {self.gate_source_score:.4f}"
 
 
 @dataclass(frozen=True)
@@ -149,7 +177,7 @@ class AdaptCancelled:
     seconds: float
 
 
-Report = StepReport | EpochReport | AdaptDone | AdaptCancelled
+Report = StepReport | EpochReport | GateProgress | AdaptDone | AdaptCancelled
 
 
 def select_slices(stack: np.ndarray, n: int) -> list[int]:
@@ -324,8 +352,6 @@ def adapt(
             elapsed,
             elapsed / step * (total_steps - step),
         )
-    seconds = time.perf_counter() - start
-    is_accepted = accepted(scores[best_epoch - 1], source_score, config.gate_margin)
     metadata = new_metadata(
         base,
         name,
@@ -347,15 +373,59 @@ def adapt(
         scores=[round(v, 5) for v in scores],
         source_score=round(source_score, 5),
         source_agreement=round(source_agreement, 5),
-        gate_margin=config.gate_margin,
-        accepted=is_accepted,
-        seconds=round(seconds, 3),
         **({"balance_weight": BALANCE_WEIGHT} if config.kind == "moe" else {}),
     )
     adapter = Adapter(best_state, metadata)
-    yield AdaptDone(
-        adapter, best_epoch, agreements, indices, seconds, scores, source_score, source_agreement, is_accepted
+    if config.gate == "consistency":
+        gate_score, gate_source_score = scores[best_epoch - 1], source_score
+    else:
+        gate_scores = yield from _volume_confidences(base, volume, adapter, config.device, start, should_stop)
+        if gate_scores is None:
+            yield AdaptCancelled(step, time.perf_counter() - start)
+            return
+        gate_source_score, gate_score = gate_scores
+    is_accepted = accepted(gate_score, gate_source_score, config.margin)
+    seconds = time.perf_counter() - start
+    metadata.update(
+        gate=config.gate,
+        gate_score=round(gate_score, 5),
+        gate_source_score=round(gate_source_score, 5),
+        gate_margin=config.margin,
+        accepted=is_accepted,
+        seconds=round(seconds, 3),
     )
+    yield AdaptDone(
+        adapter, best_epoch, agreements, indices, seconds, scores, source_score, source_agreement, is_accepted,
+        config.gate, gate_score, gate_source_score,
+    )  # fmt: skip
+
+
+def _volume_confidences(
+    base: BaseModel,
+    volume: Volume,
+    adapter: Adapter,
+    device: str,
+    start: float,
+    should_stop: Callable[[], bool] | None,
+) -> Generator[GateProgress, None, tuple[float, float] | None]:
+    """:func:`mask_confidence` of the whole-volume result of the source model, then of the adapted one.
+
+    None if ``should_stop`` said so (between batches of slices).
+    """
+    found: list[float] = []
+    offset = total = 0
+    for n_left, candidate in ((2, None), (1, adapter)):
+        result = None
+        for report in iter_segment(base, volume, candidate, device=device, should_stop=should_stop):
+            if isinstance(report, SegmentProgress):  # the first segmentation's total stands in for the second's
+                total = report.total
+                yield GateProgress(offset + report.done, offset + n_left * total, time.perf_counter() - start)
+            result = report
+        if result is None:  # stopped
+            return None
+        offset += total
+        found.append(mask_confidence(result.probability, result.mask))
+    return found[0], found[1]
 
 
 def run_adaptation(

@@ -55,7 +55,7 @@ from .inference import predict_logits, segment
 from .metrics import evaluate
 from .model import BaseModel, UNet2D
 from .nifti import Volume
-from .selection import GATE_MARGIN, accepted, consistency
+from .selection import GATE_MARGIN, GATE_MARGINS, accepted, consistency, mask_confidence
 from .simulate import PROFILES, SOURCE_PROFILE, simulate
 from .training import segmentation_loss
 
@@ -97,6 +97,8 @@ class Cell:
     source_score: float | None = None  # the same for the source model
     agreement: float | None = None  # early-head/final agreement of the model used (kept epoch for adapters)
     source_agreement: float | None = None  # the same for the source model
+    confidence: float | None = None  # selection.mask_confidence of this cell's whole-volume result (the gate's)
+    source_confidence: float | None = None  # the same for the source model (None when its cell ran earlier)
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,8 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
         return Adapted(base, 0, 0.0)
     if method in ADAPTER_METHODS:
         kind, objective, adabn, selection = ADAPTER_METHODS[method]
-        settings = replace(config, kind=kind, objective=objective, adabn=adabn, selection=selection)
+        # gates are applied after the fact from every cell's scores (gate_summary): no extra segmentations here
+        settings = replace(config, kind=kind, objective=objective, adabn=adabn, selection=selection, gate="consistency")
         done = run_adaptation(base, volume, settings, name=method)
         return Adapted(
             _with_unet(base.copy(), apply_adapter(base, done.adapter)),
@@ -269,12 +272,14 @@ def run_benchmark(
     for seed in seeds:
         for profile in profiles:
             todo = [m for m in methods if (profile, seed, m) not in finished]
+            todo.sort(key=lambda m: m != "source")  # the source model's confidence first: every cell's twin
             if not todo:
                 continue
             scan, reference = simulate(volume, mask, profile, seed=seed)
             geometry, _, images = target_slices(base, scan, replace(config, seed=seed))
             source_score = consistency(base.unet, images, config.batch_size)
             source_agreement = early_agreement(base, base, geometry, images)
+            source_confidence = None
             for method in todo:
                 if should_stop is not None and should_stop():
                     return
@@ -285,6 +290,9 @@ def run_benchmark(
                     agreed = early_agreement(adapted.model, base, geometry, images)
                 result = segment(adapted.model, scan, device=config.device)
                 scores = evaluate(result.mask, reference.data, scan.spacing, tolerance_mm)
+                confidence = round(mask_confidence(result.probability, result.mask), 5)
+                if method == "source":
+                    source_confidence = confidence
                 yield Cell(
                     profile,
                     seed,
@@ -298,6 +306,8 @@ def run_benchmark(
                     round(source_score, 5),
                     round(agreed, 5),
                     round(source_agreement, 5),
+                    confidence,
+                    source_confidence,
                 )
 
 
@@ -350,11 +360,19 @@ def summarise(cells: list[Cell]) -> dict:
     }
 
 
-GATE_CRITERIA = {"score": "source_score", "agreement": "source_agreement"}  # cell field -> its source twin
+# cell field -> its source twin; "score" is the perturbation consistency
+GATE_CRITERIA = {"score": "source_score", "agreement": "source_agreement", "confidence": "source_confidence"}
+GATE_CRITERION_MARGINS = {
+    "score": GATE_MARGINS["consistency"],
+    "agreement": GATE_MARGIN,
+    "confidence": GATE_MARGINS["confidence"],
+}
 
 
 def _passes(cell: Cell, criterion: str) -> bool:
-    return accepted(getattr(cell, criterion), getattr(cell, GATE_CRITERIA[criterion]))
+    return accepted(
+        getattr(cell, criterion), getattr(cell, GATE_CRITERIA[criterion]), GATE_CRITERION_MARGINS[criterion]
+    )
 
 
 def _gated(cell: Cell, source: Cell, criterion: str) -> float:
@@ -397,7 +415,7 @@ def _gate_summary(cells: list[Cell], gaps: dict[str, float], criterion: str) -> 
             "mean_gain_without_gate": float(np.mean(plain)),
             "mean_gain_with_gate": float(np.mean(gated)),
             "recovery_with_gate": float(np.mean(shares)) if shares else None,
-            "margin": GATE_MARGIN,
+            "margin": GATE_CRITERION_MARGINS[criterion],
         }
     return out
 
@@ -413,7 +431,7 @@ def criteria_summary(cells: list[Cell]) -> dict:
 
     sources = {(c.profile, c.seed): c for c in cells if c.method == "source"}
     out = {}
-    for criterion in ("score", "agreement"):
+    for criterion in GATE_CRITERIA:
         rows = [c for c in cells if getattr(c, criterion) is not None and not PROFILES[c.profile].stress]
         if len(rows) < 3:
             continue
@@ -463,8 +481,9 @@ def markdown(summary: dict) -> str:
     if any(gates.values()):
         lines += [
             "",
-            f"Do-no-harm gate (accept if the label-free score beats the source model's by {GATE_MARGIN}; "
-            "stress profiles out):",
+            "Do-no-harm gate (accept if the label-free score beats the source model's by the margin: "
+            + ", ".join(f"{k} {v}" for k, v in GATE_CRITERION_MARGINS.items())
+            + "; stress profiles out):",
             "",
             "| gate score | method | accepted | worst vs source, no gate | with gate | mean gain, no gate | with gate "
             "| recovered share with gate |",

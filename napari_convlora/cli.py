@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .device import DEVICE_CHOICES
     from .geometry import INTENSITY_SCALINGS
     from .objectives import OBJECTIVES
+    from .selection import DEFAULT_GATE, GATES
 
     parser = _Parser(prog="convlora", description="Skull stripping with per-scanner ConvLoRA adapters.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -117,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SELECTIONS,
         default="consistency",
         help="epoch kept: best perturbation consistency (default) or early-head agreement (the paper's)",
+    )
+    p.add_argument(
+        "--gate",
+        choices=list(GATES),
+        default=DEFAULT_GATE,
+        help="the do-no-harm gate's score: confidence of the whole-volume mask (default) or perturbation consistency",
     )
     p.add_argument(
         "--keep-rejected",
@@ -318,6 +325,7 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
         adabn=not args.no_adabn,
         objective=args.objective,
         selection=args.selection,
+        gate=args.gate,
     )
     config.check()
     volume = load_volume(args.input)
@@ -347,14 +355,16 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
         save_adapter(done.adapter, output, overwrite=args.overwrite)
     if not done.accepted:
         print(
-            f"adaptation did not help on this scan; keeping the source model (consistency {done.score:.4f} against "
-            f"the source model's {done.source_score:.4f}); "
+            f"adaptation did not help on this scan; keeping the source model ({done.gate_text}); "
             + (f"adapter written anyway to {output}" if written else "no adapter written (--keep-rejected writes it)"),
             file=sys.stderr,
         )
     return {
         "adapter": str(output) if written else None,
         "accepted": done.accepted,
+        "gate": done.gate,
+        "gate_score": round(done.gate_score, 5),
+        "gate_source_score": round(done.gate_source_score, 5),
         "score": round(done.score, 5),
         "source_score": round(done.source_score, 5),
         "objective": args.objective,
@@ -505,6 +515,7 @@ def cmd_demo(args: argparse.Namespace) -> dict:
         "adapt_seconds": round(result.adapt_seconds, 2),
         "files": [str(p) for p in result.files],
         "accepted": result.accepted,
+        "gate": result.gate,
         "score": round(result.score, 5),
         "source_score": round(result.source_score, 5),
     }
@@ -767,7 +778,7 @@ def _print_human(command: str, result: dict) -> None:
         )
         verdict = "accepts the adapter" if result["accepted"] else "would keep the source model"
         print(
-            f"do-no-harm gate (no labels): consistency {result['score']:.4f} against the source model's "
+            f"do-no-harm gate (no labels): {result['gate']} {result['score']:.4f} against the source model's "
             f"{result['source_score']:.4f}: it {verdict}"
         )
     elif command == "profiles":
@@ -788,7 +799,10 @@ def _print_human(command: str, result: dict) -> None:
             f"{result['seconds']:.1f} s"
         )
     elif result["adapter"] is None:
-        print(f"no adapter written: the source model scores as well ({result['source_score']:.4f})")
+        print(
+            f"no adapter written: the source model scores as well ({result['gate']} "
+            f"{result['gate_score']:.4f} against {result['gate_source_score']:.4f})"
+        )
     else:
         print(
             f"{result['adapter']}: {result['kind']} adapter {result['name']!r}, "

@@ -40,8 +40,9 @@ class DemoResult:
     adapt_seconds: float
     files: list[Path]
     accepted: bool  # what the do-no-harm gate decided (the demo shows the adapted mask either way)
-    score: float
-    source_score: float
+    gate: str  # which score the gate read (selection.GATES)
+    score: float  # the gate's score of the adapter
+    source_score: float  # and of the source model
 
 
 def run_demo(
@@ -74,7 +75,10 @@ def run_demo(
         "source model": evaluate(before.mask, reference.data, scan.spacing),
         "adapted": evaluate(after.mask, reference.data, scan.spacing),
     }
-    return DemoResult(profile, rows, done.seconds, list(paths.values()), done.accepted, done.score, done.source_score)
+    return DemoResult(
+        profile, rows, done.seconds, list(paths.values()), done.accepted, done.gate, done.gate_score,
+        done.gate_source_score,
+    )  # fmt: skip
 
 
 def _last(reports: Iterator[Report], progress: Callable[[Report], None] | None) -> AdaptDone:

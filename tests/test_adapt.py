@@ -13,6 +13,7 @@ from napari_convlora.adapt import (
     AdaptConfig,
     AdaptDone,
     EpochReport,
+    GateProgress,
     StepReport,
     adapt,
     reestimate_bn,
@@ -21,6 +22,8 @@ from napari_convlora.adapt import (
 )
 from napari_convlora.adapters import apply_adapter, encoder_batchnorms, inject_convlora, moe_layers
 from napari_convlora.errors import InputError
+from napari_convlora.inference import segment
+from napari_convlora.selection import GATE_MARGINS, mask_confidence
 
 QUICK = AdaptConfig(slices=4, epochs=2, batch_size=2, lr=1e-3, seed=0, device="cpu")
 
@@ -39,6 +42,14 @@ def test_reports_in_order_and_a_usable_adapter(model, small_volume):
     assert isinstance(done, AdaptDone)
     assert done.best_epoch == int(np.argmax(done.scores)) + 1  # epoch chosen by perturbation consistency
     assert len(done.agreements) == len(done.scores) == 2 and done.score == done.scores[done.best_epoch - 1]
+    # the default gate segments the whole scan with the source and the adapted model, reporting progress
+    gate = [r for r in reports if isinstance(r, GateProgress)]
+    assert gate and gate[-1].done == gate[-1].total and [r.done for r in gate] == sorted(r.done for r in gate)
+    assert done.gate == "confidence" and 0.0 <= done.gate_source_score <= 1.0 and 0.0 <= done.gate_score <= 1.0
+    assert done.accepted == (done.gate_score > done.gate_source_score + GATE_MARGINS["confidence"])
+    assert done.adapter.metadata["gate_score"] == round(done.gate_score, 5)
+    source = segment(model, small_volume, device="cpu")
+    assert done.gate_source_score == pytest.approx(mask_confidence(source.probability, source.mask))
     paper = run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "selection": "agreement"}))
     assert paper.best_epoch == int(np.argmax(paper.agreements)) + 1
     assert done.adapter.base_model_id == before == model.model_id
@@ -78,6 +89,18 @@ def test_cancel_stops_within_a_step_and_leaves_the_base_alone(model, small_volum
     assert sum(isinstance(r, StepReport) for r in reports) == 2
     assert not any(isinstance(r, AdaptDone) for r in reports)
     assert model.model_id == before
+
+
+def test_cancel_during_the_gate_ends_without_a_result(model, small_volume):
+    seen: list = []
+
+    def stop_in_the_gate() -> bool:
+        return any(isinstance(r, GateProgress) for r in seen)
+
+    for report in adapt(model, small_volume, QUICK, should_stop=stop_in_the_gate):
+        seen.append(report)
+    assert isinstance(seen[-1], AdaptCancelled) and sum(isinstance(r, GateProgress) for r in seen) == 1
+    assert not any(isinstance(r, AdaptDone) for r in seen)
 
 
 def test_closing_the_generator_midway_leaves_the_base_alone(model, small_volume):

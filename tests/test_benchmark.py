@@ -114,9 +114,10 @@ def test_quick_benchmark_records_label_free_scores_and_summarises_gate_and_crite
     assert len({c["source_score"] for c in cells if c["profile"] == "philips-3t"}) == 1  # one source score per scan
     assert all(0.0 <= c["agreement"] <= 1.0 and 0.0 <= c["source_agreement"] <= 1.0 for c in cells)
     assert all(c["agreement"] == c["source_agreement"] for c in cells if c["method"] == "source")
-    assert set(result["summary"]["gate"]) == {"score", "agreement"}
+    assert set(result["summary"]["gate"]) == {"score", "agreement", "confidence"}
+    assert all(0.0 <= c["confidence"] <= 1.0 and c["source_confidence"] is not None for c in cells)
     assert set(result["summary"]["gate"]["score"]) == set(bench.METHODS) - {"source"}
-    assert set(result["summary"]["criteria"]) == {"score", "agreement"}
+    assert set(result["summary"]["criteria"]) == {"score", "agreement", "confidence"}
     assert "Do-no-harm gate" in (out / "table.md").read_text()
 
 

@@ -22,7 +22,14 @@ from napari_convlora.objectives import (
     pseudo_labels,
     warp,
 )
-from napari_convlora.selection import accepted, consistency, perturbations
+from napari_convlora.selection import (
+    DEFAULT_GATE,
+    GATE_MARGINS,
+    accepted,
+    consistency,
+    mask_confidence,
+    perturbations,
+)
 
 QUICK = AdaptConfig(slices=4, epochs=2, batch_size=2, lr=1e-3, seed=0, device="cpu", adabn=False)
 
@@ -142,13 +149,30 @@ def shipped():
 HARMFUL = dict(slices=6, epochs=3, batch_size=2, lr=0.5, seed=0, device="cpu", adabn=False)
 
 
-def test_the_gate_refuses_a_harmful_adapter(shipped, small_volume):
-    """Adapting at lr 0.5 wrecks the shipped model on a real head: the score falls and the gate says no."""
-    done = run_adaptation(shipped, small_volume, AdaptConfig(**HARMFUL))
-    assert done.score < done.source_score and not done.accepted
-    assert done.adapter.metadata["accepted"] is False
+@pytest.mark.parametrize("gate", ["confidence", "consistency"])
+def test_the_gate_refuses_a_harmful_adapter(shipped, small_volume, gate):
+    """Adapting at lr 0.5 wrecks the shipped model on a real head: the gate's score falls and the gate says no."""
+    done = run_adaptation(shipped, small_volume, AdaptConfig(**HARMFUL, gate=gate))
+    assert done.gate == gate and done.gate_score < done.gate_source_score and not done.accepted
+    if gate == "consistency":
+        assert (done.gate_score, done.gate_source_score) == (done.score, done.source_score)
+    meta = done.adapter.metadata
+    assert meta["accepted"] is False and meta["gate"] == gate and meta["gate_margin"] == GATE_MARGINS[gate]
     harmed = apply_adapter(shipped, done.adapter)
     assert consistency(harmed, torch.rand(2, 1, 64, 64)) >= 0.0  # the adapter still loads and runs
+
+
+def test_mask_confidence_is_how_sure_the_mask_is():
+    sure = np.zeros((4, 6, 6), np.float32)
+    sure[1:3, 1:5, 1:5] = 1.0
+    mask = (sure > 0.5).astype(np.uint8)
+    assert mask_confidence(sure, mask) == 1.0
+    unsure = np.where(sure > 0, 0.75, 0.0).astype(np.float32)
+    assert mask_confidence(unsure, mask) == pytest.approx(0.5)
+    island = sure.copy()
+    island[0, 0, 0] = 0.55  # an unsure island the clean-up removed still counts against the model
+    assert mask_confidence(island, mask) < 1.0
+    assert mask_confidence(np.zeros_like(sure), np.zeros_like(mask)) == 0.0  # a lost brain is not a sure one
 
 
 def test_cli_writes_no_rejected_adapter_unless_asked(shipped, small_path, tmp_path, capsys):
@@ -170,4 +194,7 @@ def test_bad_objective_and_selection_are_refused(model, small_volume):
         run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "objective": "magic"}))
     with pytest.raises(InputError, match="--selection"):
         run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "selection": "luck"}))
-    assert np.isfinite(QUICK.gate_margin)
+    with pytest.raises(InputError, match="--gate"):
+        run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "gate": "luck"}))
+    assert QUICK.gate == DEFAULT_GATE == "confidence" and QUICK.margin == GATE_MARGINS["confidence"]
+    assert AdaptConfig(gate="consistency", gate_margin=0.02).margin == 0.02

@@ -23,7 +23,7 @@ from qtpy.QtCore import QEvent, QObject, Qt
 from qtpy.QtWidgets import QFileDialog, QInputDialog, QMessageBox, QScrollArea, QVBoxLayout, QWidget
 
 from .. import library
-from ..adapt import AdaptConfig, EpochReport, StepReport
+from ..adapt import AdaptConfig, EpochReport, GateProgress, StepReport
 from ..adapters import load_adapter
 from ..device import pick_device
 from ..errors import InputError
@@ -423,6 +423,11 @@ class ConvLoRAWidget(QWidget):
         elif isinstance(report, EpochReport):
             step = self._progress["adapt"].n if "adapt" in self._progress else report.epoch
             c.train_plot.add_point("consistency", step, report.score)
+        elif isinstance(report, GateProgress):
+            c.adapt_status.setText(
+                f"do-no-harm check: segmenting the whole scan with the source and the adapted model, "
+                f"{report.done}/{report.total} slices"
+            )
 
     def _on_adapted(self, result: jobs.AdaptResult | None, image_name: str) -> None:
         if self._closing:
@@ -435,10 +440,7 @@ class ConvLoRAWidget(QWidget):
         self._mark_slices(result, image_name)
         if not done.accepted:
             kept = f"; saved anyway as {result.path.name}" if result.path is not None else ""
-            message = (
-                f"adaptation did not help on this scan; keeping the source model (consistency {done.score:.3f}, "
-                f"source model {done.source_score:.3f}){kept}"
-            )
+            message = f"adaptation did not help on this scan; keeping the source model ({done.gate_text}){kept}"
             c.adapt_status.setText(message)
             show_warning(f"napari-convlora: {message}")
             self._clicked.pop("adapt", None)
