@@ -13,11 +13,12 @@ adapter is used at all, reads the whole scan (:data:`GATES`): by default the
 *confidence* of the whole-volume mask (:func:`mask_confidence`: how far from 0.5
 the probabilities are inside the mask), compared with the source model's on the
 same scan; ``consistency`` is the former gate. An adapter is accepted only if its
-score beats the source model's by the gate's margin. Why confidence: over 24
-simulated scans of two held-out real heads (``scripts/probe_plausibility.py``,
-BENCHMARKS.md section 2), the sign of its change matched the sign of the true
-surface-Dice change on 21, consistency's on 13; consistency falls after almost
-every adaptation, helpful or not, and does not see a mask that is stably wrong.
+score beats the source model's by the gate's margin. Why confidence: over 36
+simulated scans of three real heads the models never saw
+(``scripts/probe_plausibility.py``, BENCHMARKS.md section 2), the sign of its
+change matched the sign of the true surface-Dice change on 34, consistency's on
+18; consistency falls after almost every adaptation, helpful or not, and does
+not see a mask that is stably wrong.
 """
 
 from __future__ import annotations
