@@ -98,7 +98,6 @@ class AdaptConfig:
             raise InputError(f"--gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         if self.gate_margin is not None and not np.isfinite(self.gate_margin):
             raise InputError(f"the gate margin must be a number, got {self.gate_margin}")
-
         if self.kind not in ADAPTER_KINDS:
             raise InputError(f"--kind must be one of {', '.join(ADAPTER_KINDS)}, got {self.kind!r}")
         for name in ("slices", "epochs", "rank", "batch_size", "experts"):

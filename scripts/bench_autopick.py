@@ -31,6 +31,7 @@ from napari_convlora.library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, SOURCE_MOD
 from napari_convlora.metrics import evaluate
 from napari_convlora.model import load_model
 from napari_convlora.nifti import load_volume
+from napari_convlora.selection import GATE_MARGINS, accepted, mask_confidence
 from napari_convlora.simulate import PROFILES, SOURCE_PROFILE, simulate
 
 SLACK = 0.01  # a pick may cost at most this much surface Dice against the source model (the issue's bar)
@@ -48,13 +49,14 @@ def run(args: argparse.Namespace) -> dict:
     for seed in args.seeds:
         for profile in args.profiles:
             scan, reference = simulate(t1, mask, profile, seed=seed)
-            cache: dict[str, float] = {}
+            cache: dict[str, tuple[float, float]] = {}
 
-            def surface_dice(label: str, adapter: Adapter | None, scan=scan, reference=reference, cache=cache) -> float:
-                """Surface Dice of the scan segmented with ``adapter``, computed once per label."""
+            def scored(label: str, adapter: Adapter | None, scan=scan, reference=reference, cache=cache):
+                """(surface Dice, mask confidence) of the scan segmented with ``adapter``, once per label."""
                 if label not in cache:
                     result = segment(base, scan, adapter, device=args.device)
-                    cache[label] = evaluate(result.mask, reference.data, scan.spacing, args.tolerance)["surface_dice"]
+                    figures = evaluate(result.mask, reference.data, scan.spacing, args.tolerance)
+                    cache[label] = (figures["surface_dice"], mask_confidence(result.probability, result.mask))
                 return cache[label]
 
             own = args.adapters / f"{profile}{ADAPTER_SUFFIX}"
@@ -62,8 +64,10 @@ def run(args: argparse.Namespace) -> dict:
                 start = time.perf_counter()
                 choice = choose_adapter(base, scan, files, device=args.device, criterion=criterion)
                 seconds = time.perf_counter() - start
-                source = surface_dice(SOURCE, None)
-                picked = surface_dice(choice.label, choice.adapter)
+                source, source_confidence = scored(SOURCE, None)
+                picked, picked_confidence = scored(choice.label, choice.adapter)
+                # what the do-no-harm gate of adaptation would make of the pick (selection.GATES["confidence"])
+                gated = picked if accepted(picked_confidence, source_confidence, GATE_MARGINS["confidence"]) else source
                 row = {
                     "seed": seed,
                     "profile": profile,
@@ -74,9 +78,12 @@ def run(args: argparse.Namespace) -> dict:
                     "pick_seconds": round(seconds, 2),
                     "surface_dice_source": round(source, 4),
                     "surface_dice_picked": round(picked, 4),
+                    "confidence_source": round(source_confidence, 5),
+                    "confidence_picked": round(picked_confidence, 5),
+                    "surface_dice_gated": round(gated, 4),
                 }
                 if own.is_file():
-                    row["surface_dice_own_adapter"] = round(surface_dice(profile, load_adapter(own)), 4)
+                    row["surface_dice_own_adapter"] = round(scored(profile, load_adapter(own))[0], 4)
                 rows.append(row)
                 print(
                     f"seed {seed} {profile:13s} {criterion:9s} picked {choice.label:13s} "
@@ -101,6 +108,18 @@ def summary(rows: list[dict], criteria: list[str]) -> str:
             f"**{criterion}** ({CRITERIA[criterion]}): {sum(r['right'] for r in mine)}/{len(mine)} right; "
             f"picked minus source surface Dice: mean {costs.mean():+.3f}, worst {costs.min():+.3f}; "
             f"{worse} of {len(mine)} scans worse than the source model by more than {SLACK}.",
+        ]
+        gated = np.array(
+            [r["surface_dice_gated"] - r["surface_dice_source"] for r in mine if "surface_dice_gated" in r]
+        )
+        if len(gated):
+            lines += [
+                "",
+                f"With the confidence gate on the pick (kept only if its whole-volume mask is more confident than "
+                f"the source model's): mean {gated.mean():+.3f}, worst {gated.min():+.3f}; "
+                f"{int((gated < -SLACK).sum())} of {len(gated)} scans worse by more than {SLACK}.",
+            ]
+        lines += [
             "",
             "| scan profile \\ picked | " + " | ".join(labels) + " |",
             "|---|" + "---|" * len(labels),
