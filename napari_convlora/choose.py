@@ -18,14 +18,18 @@ would read (:func:`napari_convlora.adapt.select_slices`):
   under noise, bias and blur. An adapter must beat the source model by the
   gate's margin to be chosen, as a new adapter must to be accepted.
 
-Both are proxies, not accuracy: the reason string says which was used and gives
-every score, so the user can see why. ``scripts/bench_autopick.py`` measures how
-often each picks the right scanner and what the pick costs in surface Dice.
+All are proxies, not accuracy: the reason string says which was used and gives
+every score, so the user can see why. Before a picked adapter's mask is used,
+:func:`iter_segment_checked` puts it through the do-no-harm gate of adaptation:
+the whole scan is segmented with the source model too, and the adapter is kept
+only if its mask is more confident (:func:`napari_convlora.selection.mask_confidence`).
+``scripts/bench_autopick.py`` measures how often each criterion picks the right
+scanner and what the pick costs in surface Dice, with and without that check.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,10 +41,11 @@ from .adapters import Adapter, apply_adapter, encoder_batchnorms, load_adapter
 from .device import pick_device
 from .errors import InputError
 from .geometry import plan
+from .inference import Segmentation, SegmentProgress, iter_segment
 from .library import ADAPTER_SUFFIX
 from .model import BaseModel, UNet2D
 from .nifti import Volume
-from .selection import GATE_MARGIN, consistency
+from .selection import GATE_MARGIN, GATE_MARGINS, accepted, consistency, mask_confidence
 
 SOURCE = "source"
 CRITERIA = {
@@ -146,3 +151,48 @@ def choose_adapter(
     margin = {SOURCE: GATE_MARGIN if criterion == "consistency" else 0.0}
     best = max(scores, key=lambda name: (scores[name] + margin.get(name, 0.0), name == SOURCE))
     return AutoChoice(found[best], best, scores, skipped, criterion)
+
+
+@dataclass
+class CheckedSegmentation:
+    segmentation: Segmentation
+    label: str  # what made the mask: "source" or the kept adapter's name
+    note: str  # the choice and the gate's verdict, for the user
+
+
+def iter_segment_checked(
+    base: BaseModel,
+    volume: Volume,
+    choice: AutoChoice,
+    device: str = "auto",
+    should_stop: Callable[[], bool] | None = None,
+    **segment_options,
+) -> Generator[SegmentProgress, None, CheckedSegmentation | None]:
+    """Segment with the auto-picked model, keeping a picked adapter only if the do-no-harm gate passes it.
+
+    A picked adapter costs one more segmentation (the source model's, for the gate);
+    progress counts both. None if ``should_stop`` said so.
+    """
+    runs = [(None, SOURCE)] + ([(choice.adapter, choice.label)] if choice.adapter is not None else [])
+    results = []
+    done = total = 0
+    for adapter, _ in runs:
+        result = None
+        for report in iter_segment(base, volume, adapter, device=device, should_stop=should_stop, **segment_options):
+            if isinstance(report, SegmentProgress):
+                total = max(total, report.total)
+                yield SegmentProgress(done + report.done, done + total * (len(runs) - len(results)), report.elapsed_s)
+            result = report
+        if result is None:
+            return None
+        done += total
+        results.append(result)
+    if len(results) == 1:
+        return CheckedSegmentation(results[0], SOURCE, choice.reason)
+    source, picked = results
+    ours, theirs = mask_confidence(picked.probability, picked.mask), mask_confidence(source.probability, source.mask)
+    verdict = f"mask confidence {ours:.4f} against the source model's {theirs:.4f}"
+    if accepted(ours, theirs, GATE_MARGINS["confidence"]):
+        return CheckedSegmentation(picked, choice.label, f"{choice.reason}; do-no-harm check passed ({verdict})")
+    note = f"{choice.reason}; but its mask is no more confident than the source model's ({verdict}): source model kept"
+    return CheckedSegmentation(source, SOURCE, note)

@@ -263,8 +263,17 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
+def _returned(generator):
+    """Run a generator of progress reports to the end and give back what it returns."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as stop:
+            return stop.value
+
+
 def cmd_segment(args: argparse.Namespace) -> dict:
-    from .choose import choose_adapter
+    from .choose import choose_adapter, iter_segment_checked
     from .files import check_output_path
     from .inference import segment
     from .library import library_files, resolve_adapter
@@ -275,17 +284,17 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         raise InputError(f"{args.output}: the output would overwrite the input")
     volume = load_volume(args.input)
     base = _load_base(args.model)
-    auto = None
+    options = {"device": args.device, "cleanup": not args.no_cleanup, "two_pass": not args.single_pass}
+    auto = checked = None
+    start = time.perf_counter()
     if args.adapter == "auto":
         auto = choose_adapter(base, volume, [path for _, _, path in library_files()], device=args.device)
-        print(f"note: {auto.reason}", file=sys.stderr)
-        adapter = auto.adapter
+        start = time.perf_counter()  # "seconds" is segmentation time (the check's second segmentation included)
+        checked = _returned(iter_segment_checked(base, volume, auto, **options))
+        print(f"note: {checked.note}", file=sys.stderr)
+        result = checked.segmentation
     else:
-        adapter = resolve_adapter(args.adapter)
-    start = time.perf_counter()
-    result = segment(
-        base, volume, adapter, device=args.device, cleanup=not args.no_cleanup, two_pass=not args.single_pass
-    )
+        result = segment(base, volume, resolve_adapter(args.adapter), **options)
     save_mask(result.mask, volume, args.output, overwrite=args.overwrite)
     out = {
         "input": str(args.input),
@@ -297,6 +306,7 @@ def cmd_segment(args: argparse.Namespace) -> dict:
     if auto is not None:
         out["auto"] = {"choice": auto.label, "criterion": auto.criterion, "scores": auto.scores}
         out["auto"]["skipped"] = auto.skipped
+        out["auto"]["kept"] = checked.label
     return out
 
 

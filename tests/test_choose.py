@@ -104,3 +104,47 @@ def test_consistency_criterion_is_the_gates_score_and_the_source_keeps_the_margi
 
     monkeypatch.setattr(choose, "consistency", scored)
     assert choose_adapter(base, small_volume, [mine], device="cpu", slices=4, criterion="consistency").label == SOURCE
+
+
+def _drive(generator):
+    reports = []
+    while True:
+        try:
+            reports.append(next(generator))
+        except StopIteration as stop:
+            return reports, stop.value
+
+
+@pytest.mark.parametrize("adapter_sure", [True, False])
+def test_a_pick_is_kept_only_if_its_mask_is_more_confident(monkeypatch, small_volume, adapter_sure):
+    torch.set_num_threads(1)
+    base = make_model()
+    adapted = run_adaptation(base, small_volume, AdaptConfig(slices=3, epochs=1, device="cpu"), name="mine")
+    choice = choose.AutoChoice(adapted.adapter, "mine", {SOURCE: 0.5, "mine": 0.9}, criterion="stats")
+    calls = []
+
+    def confidence(probability, mask):  # the adapter's mask is scored first, then the source model's
+        calls.append(probability)
+        return 0.9 if (len(calls) == 1) == adapter_sure else 0.8
+
+    monkeypatch.setattr(choose, "mask_confidence", confidence)
+    reports, checked = _drive(choose.iter_segment_checked(base, small_volume, choice, device="cpu"))
+    assert [r.done for r in reports] == sorted(r.done for r in reports) and reports[-1].done == reports[-1].total
+    if adapter_sure:
+        assert checked.label == "mine" and checked.segmentation.adapter == "mine" and "check passed" in checked.note
+    else:
+        assert (
+            checked.label == SOURCE and checked.segmentation.adapter == "none" and "source model kept" in checked.note
+        )
+
+
+def test_a_source_pick_is_segmented_once_and_a_stop_returns_nothing(small_volume):
+    torch.set_num_threads(1)
+    base = make_model()
+    choice = choose.AutoChoice(None, SOURCE, {SOURCE: 1.0}, criterion="stats")
+    reports, checked = _drive(choose.iter_segment_checked(base, small_volume, choice, device="cpu"))
+    plain = [r for r in choose.iter_segment(base, small_volume, None, device="cpu") if hasattr(r, "total")]
+    assert reports[-1].total == plain[-1].total  # one segmentation, no check needed
+    assert checked.label == SOURCE and checked.note == choice.reason
+    stopped = _drive(choose.iter_segment_checked(base, small_volume, choice, device="cpu", should_stop=lambda: True))
+    assert stopped[1] is None

@@ -26,7 +26,7 @@ import torch
 
 from ..adapt import AdaptCancelled, AdaptConfig, AdaptDone, adapt
 from ..adapters import Adapter, save_adapter
-from ..choose import choose_adapter
+from ..choose import choose_adapter, iter_segment_checked
 from ..errors import InputError
 from ..geometry import plan
 from ..inference import Segmentation, SegmentProgress, iter_segment
@@ -75,14 +75,10 @@ def library_files() -> list[tuple[str, Path, bool]]:
     return [(name, path, source == BUILTIN) for name, source, path in core_library_files()]
 
 
-def resolve_for_widget(spec: str, base: BaseModel, volume: Volume, device: str) -> tuple[Adapter | None, str, str]:
-    """The adapter for a combo-box choice, the mask label, and a note saying what was used and why."""
+def resolve_for_widget(spec: str) -> tuple[Adapter | None, str, str]:
+    """The adapter for a combo-box choice other than auto, the mask label, and a note saying what was used."""
     if spec == SOURCE_LABEL:
         return None, "source", "source model (no adapter)"
-    if spec == AUTO_LABEL:
-        files = [path for _, path, _ in library_files()]  # built-ins first: they win a name clash, as in the library
-        choice = choose_adapter(base, volume, files, device=device)
-        return choice.adapter, choice.label, choice.reason
     adapter = resolve_adapter(spec)
     return adapter, adapter.name or spec, f"adapter {adapter.name or spec}"
 
@@ -90,10 +86,21 @@ def resolve_for_widget(spec: str, base: BaseModel, volume: Volume, device: str) 
 def segment_job(
     model_path: str | Path, volume: Volume, spec: str, device: str, stop: threading.Event
 ) -> Generator[SegmentProgress, None, SegmentResult | None]:
-    """Segment ``volume`` with the chosen adapter; yield progress; return None if stopped."""
+    """Segment ``volume`` with the chosen adapter; yield progress; return None if stopped.
+
+    "auto" picks without labels, then keeps the pick only if the do-no-harm check passes it
+    (:func:`napari_convlora.choose.iter_segment_checked`).
+    """
     limit_threads()
     base = get_model(model_path)
-    adapter, label, note = resolve_for_widget(spec, base, volume, device)
+    if spec == AUTO_LABEL:
+        files = [path for _, path, _ in library_files()]  # built-ins first: they win a name clash, as in the library
+        choice = choose_adapter(base, volume, files, device=device)
+        checked = yield from iter_segment_checked(base, volume, choice, device=device, should_stop=stop.is_set)
+        if checked is None or stop.is_set():
+            return None
+        return SegmentResult(checked.segmentation, checked.label, checked.note)
+    adapter, label, note = resolve_for_widget(spec)
     result = None
     for report in iter_segment(base, volume, adapter, device=device, should_stop=stop.is_set):
         if isinstance(report, SegmentProgress):
