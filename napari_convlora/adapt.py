@@ -49,7 +49,6 @@ from .adapters import (
 from .device import pick_device
 from .errors import InputError
 from .geometry import SliceGeometry, plan
-from .inference import SegmentProgress, iter_segment
 from .metrics import surface_dice
 from .model import BaseModel, UNet2D
 from .nifti import Volume
@@ -62,7 +61,15 @@ from .objectives import (
     pseudo_label_loss,
     pseudo_labels,
 )
-from .selection import DEFAULT_GATE, GATE_MARGINS, GATES, accepted, consistency, mask_confidence
+from .selection import (
+    DEFAULT_GATE,
+    GATE_MARGINS,
+    GATES,
+    accepted,
+    consistency,
+    iter_source_and_adapted,
+    mask_confidence,
+)
 
 # Weight of the MoE load-balancing loss (summed over layers) against the self-training BCE: the
 # value of Shazeer et al. and of the Conv-LoRA code. It only keeps experts in use; the gate learns from it alone.
@@ -407,24 +414,23 @@ def _volume_confidences(
     start: float,
     should_stop: Callable[[], bool] | None,
 ) -> Generator[GateProgress, None, tuple[float, float] | None]:
-    """:func:`mask_confidence` of the whole-volume result of the source model, then of the adapted one.
+    """:func:`mask_confidence` of the whole-volume result of the source model and of the adapted one.
 
     None if ``should_stop`` said so (between batches of slices).
     """
-    found: list[float] = []
-    offset = total = 0
-    for n_left, candidate in ((2, None), (1, adapter)):
-        result = None
-        for report in iter_segment(base, volume, candidate, device=device, should_stop=should_stop):
-            if isinstance(report, SegmentProgress):  # the first segmentation's total stands in for the second's
-                total = report.total
-                yield GateProgress(offset + report.done, offset + n_left * total, time.perf_counter() - start)
-            result = report
-        if result is None:  # stopped
-            return None
-        offset += total
-        found.append(mask_confidence(result.probability, result.mask))
-    return found[0], found[1]
+    pair = None
+    checking = iter_source_and_adapted(base, volume, adapter, device, should_stop)
+    while True:
+        try:
+            report = next(checking)
+        except StopIteration as finished:
+            pair = finished.value
+            break
+        yield GateProgress(report.done, report.total, time.perf_counter() - start)
+    if pair is None:
+        return None
+    source, adapted = pair
+    return mask_confidence(source.probability, source.mask), mask_confidence(adapted.probability, adapted.mask)
 
 
 def run_adaptation(

@@ -45,7 +45,7 @@ from .inference import Segmentation, SegmentProgress, iter_segment
 from .library import ADAPTER_SUFFIX
 from .model import BaseModel, UNet2D
 from .nifti import Volume
-from .selection import GATE_MARGIN, GATE_MARGINS, accepted, consistency, mask_confidence
+from .selection import GATE_MARGIN, GATE_MARGINS, accepted, consistency, iter_source_and_adapted, mask_confidence
 
 SOURCE = "source"
 CRITERIA = {
@@ -173,23 +173,17 @@ def iter_segment_checked(
     A picked adapter costs one more segmentation (the source model's, for the gate);
     progress counts both. None if ``should_stop`` said so.
     """
-    runs = [(None, SOURCE)] + ([(choice.adapter, choice.label)] if choice.adapter is not None else [])
-    results = []
-    done = total = 0
-    for adapter, _ in runs:
+    if choice.adapter is None:
         result = None
-        for report in iter_segment(base, volume, adapter, device=device, should_stop=should_stop, **segment_options):
+        for report in iter_segment(base, volume, None, device=device, should_stop=should_stop, **segment_options):
             if isinstance(report, SegmentProgress):
-                total = max(total, report.total)
-                yield SegmentProgress(done + report.done, done + total * (len(runs) - len(results)), report.elapsed_s)
+                yield report
             result = report
-        if result is None:
-            return None
-        done += total
-        results.append(result)
-    if len(results) == 1:
-        return CheckedSegmentation(results[0], SOURCE, choice.reason)
-    source, picked = results
+        return None if result is None else CheckedSegmentation(result, SOURCE, choice.reason)
+    pair = yield from iter_source_and_adapted(base, volume, choice.adapter, device, should_stop, **segment_options)
+    if pair is None:
+        return None
+    source, picked = pair
     ours, theirs = mask_confidence(picked.probability, picked.mask), mask_confidence(source.probability, source.mask)
     verdict = f"mask confidence {ours:.4f} against the source model's {theirs:.4f}"
     if accepted(ours, theirs, GATE_MARGINS["confidence"]):

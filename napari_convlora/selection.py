@@ -24,12 +24,16 @@ not see a mask that is stably wrong.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Generator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import UNet2D
+from .adapters import Adapter
+from .inference import Segmentation, SegmentProgress, iter_segment
+from .model import BaseModel, UNet2D
+from .nifti import Volume
 
 GATE_MARGIN = 0.005  # consistency gate: fixed before the benchmark ran; BENCHMARKS.md section 2 reports what it gives
 GATES = {
@@ -100,3 +104,32 @@ def mask_confidence(probability: np.ndarray, mask: np.ndarray) -> float:
 def accepted(score: float, source_score: float, margin: float = GATE_MARGIN) -> bool:
     """The do-no-harm gate: keep an adapter only if it beats the source model's score by ``margin``."""
     return score > source_score + margin
+
+
+def iter_source_and_adapted(
+    base: BaseModel,
+    volume: Volume,
+    adapter: Adapter,
+    device: str = "auto",
+    should_stop: Callable[[], bool] | None = None,
+    **segment_options,
+) -> Generator[SegmentProgress, None, tuple[Segmentation, Segmentation] | None]:
+    """The whole scan segmented by the source model, then with ``adapter``: what the confidence gate compares.
+
+    Progress counts both runs (the first run's slice count stands in for the second's
+    until it starts). None if ``should_stop`` said so.
+    """
+    results: list[Segmentation] = []
+    done = total = 0
+    for runs_left, candidate in ((2, None), (1, adapter)):
+        result = None
+        for report in iter_segment(base, volume, candidate, device=device, should_stop=should_stop, **segment_options):
+            if isinstance(report, SegmentProgress):
+                total = report.total
+                yield SegmentProgress(done + report.done, done + runs_left * total, report.elapsed_s)
+            result = report
+        if result is None:
+            return None
+        done += total
+        results.append(result)
+    return results[0], results[1]
