@@ -286,10 +286,10 @@ def cmd_segment(args: argparse.Namespace) -> dict:
     base = _load_base(args.model)
     options = {"device": args.device, "cleanup": not args.no_cleanup, "two_pass": not args.single_pass}
     auto = checked = None
-    start = time.perf_counter()
     if args.adapter == "auto":
         auto = choose_adapter(base, volume, [path for _, _, path in library_files()], device=args.device)
-        start = time.perf_counter()  # "seconds" is segmentation time (the check's second segmentation included)
+    start = time.perf_counter()  # "seconds" is segmentation time (auto's check segmentation included)
+    if auto is not None:
         checked = _returned(iter_segment_checked(base, volume, auto, **options))
         print(f"note: {checked.note}", file=sys.stderr)
         result = checked.segmentation
