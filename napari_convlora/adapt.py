@@ -49,6 +49,7 @@ from .adapters import (
 from .device import pick_device
 from .errors import InputError
 from .geometry import SliceGeometry, plan
+from .inference import Segmentation
 from .metrics import surface_dice
 from .model import BaseModel, UNet2D
 from .nifti import Volume
@@ -166,6 +167,9 @@ class AdaptDone:
     gate: str  # which score the gate read (selection.GATES)
     gate_score: float  # the adapted model's
     gate_source_score: float  # the source model's, on the same scan
+    # the confidence gate's whole-scan segmentation with the adapter (None with the consistency gate):
+    # the result a caller would compute next, already paid for
+    segmentation: Segmentation | None = None
 
     @property
     def score(self) -> float:
@@ -382,6 +386,7 @@ def adapt(
         **({"balance_weight": BALANCE_WEIGHT} if config.kind == "moe" else {}),
     )
     adapter = Adapter(best_state, metadata)
+    segmentation = None
     if config.gate == "consistency":
         gate_score, gate_source_score = scores[best_epoch - 1], source_score
     else:
@@ -389,7 +394,7 @@ def adapt(
         if gate_scores is None:
             yield AdaptCancelled(step, time.perf_counter() - start)
             return
-        gate_source_score, gate_score = gate_scores
+        gate_source_score, gate_score, segmentation = gate_scores
     is_accepted = accepted(gate_score, gate_source_score, config.margin)
     seconds = time.perf_counter() - start
     metadata.update(
@@ -402,7 +407,7 @@ def adapt(
     )
     yield AdaptDone(
         adapter, best_epoch, agreements, indices, seconds, scores, source_score, source_agreement, is_accepted,
-        config.gate, gate_score, gate_source_score,
+        config.gate, gate_score, gate_source_score, segmentation,
     )  # fmt: skip
 
 
@@ -413,9 +418,10 @@ def _volume_confidences(
     device: str,
     start: float,
     should_stop: Callable[[], bool] | None,
-) -> Generator[GateProgress, None, tuple[float, float] | None]:
+) -> Generator[GateProgress, None, tuple[float, float, Segmentation] | None]:
     """:func:`mask_confidence` of the whole-volume result of the source model and of the adapted one.
 
+    Also the adapted model's segmentation itself, so that no caller segments twice.
     None if ``should_stop`` said so (between batches of slices).
     """
     pair = None
@@ -430,7 +436,8 @@ def _volume_confidences(
     if pair is None:
         return None
     source, adapted = pair
-    return mask_confidence(source.probability, source.mask), mask_confidence(adapted.probability, adapted.mask)
+    source_confidence = mask_confidence(source.probability, source.mask)
+    return source_confidence, mask_confidence(adapted.probability, adapted.mask), adapted
 
 
 def run_adaptation(

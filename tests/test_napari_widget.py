@@ -8,6 +8,9 @@ behind, metrics match the core's.
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +36,7 @@ TIMEOUT_MS = 120_000
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch, tmp_path, gate_open):
     monkeypatch.setenv("CONVLORA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CONVLORA_TORCH_THREADS", "1")  # a worker process inherits it
     torch.set_num_threads(1)
     monkeypatch.setattr(jobs, "worker_threads", lambda: 1)
 
@@ -42,8 +46,20 @@ def viewer_widget(make_napari_viewer_proxy, qtbot, model_file, small_path, small
     viewer = make_napari_viewer_proxy()
     viewer.open(str(small_path), plugin="napari-convlora")
     viewer.open(str(small_mask_path), plugin="napari-convlora")
-    widget = ConvLoRAWidget(viewer, model_path=model_file)
+    # the thread path: the monkeypatches of these tests (e.g. gate_open) reach it; the process path is tested below
+    widget = ConvLoRAWidget(viewer, model_path=model_file, worker="thread")
     viewer.window.add_dock_widget(widget, name="ConvLoRA Skull Strip")
+    return viewer, widget
+
+
+@pytest.fixture
+def process_widget(make_napari_viewer_proxy, qtbot, model_file, small_path, small_mask_path):
+    viewer = make_napari_viewer_proxy()
+    viewer.open(str(small_path), plugin="napari-convlora")
+    viewer.open(str(small_mask_path), plugin="napari-convlora")
+    widget = ConvLoRAWidget(viewer, model_path=model_file)  # the default: a worker process
+    viewer.window.add_dock_widget(widget, name="ConvLoRA Skull Strip")
+    assert widget.process is not None and widget.process.wait_ready(), widget.process.failure
     return viewer, widget
 
 
@@ -132,6 +148,11 @@ def test_adapt_saves_selects_and_segments(viewer_widget, qtbot, tmp_path, model_
     assert widget.controls.adapter_combo.currentText() == "scanner-b"
     assert "mask: scanner-b" in viewer.layers
     assert viewer.layers["mask: scanner-b"].data.shape == viewer.layers["head4mm"].data.shape
+    # the mask is the gate's whole-scan segmentation with the adapter, reused: the core's own, not made twice
+    from napari_convlora.inference import segment
+
+    expected = segment(load_model(model_file), load_volume(viewer.layers["head4mm"].source.path), adapter, device="cpu")
+    np.testing.assert_array_equal(viewer.layers["mask: scanner-b"].data, expected.mask)
     assert widget.timings["adapt"] > 0 and widget.controls.adapt_button.text() == "Adapt"
     assert widget.controls.train_plot.series["loss"] and widget.controls.train_plot.series["consistency"]
     assert widget.controls.slice_list.count() == 2
@@ -249,10 +270,11 @@ def test_errors_become_notifications(viewer_widget, qtbot, tmp_path, monkeypatch
     assert "no MRI image" in messages[-1]
 
 
-def test_closing_the_viewer_stops_a_run(make_napari_viewer, qtbot, model_file, small_path, tmp_path):
+@pytest.mark.parametrize("worker", ["thread", "process"])
+def test_closing_the_viewer_stops_a_run(make_napari_viewer, qtbot, model_file, small_path, tmp_path, worker):
     viewer = make_napari_viewer(show=True)
     viewer.open(str(small_path), plugin="napari-convlora")
-    widget = ConvLoRAWidget(viewer, model_path=model_file)
+    widget = ConvLoRAWidget(viewer, model_path=model_file, worker=worker)
     viewer.window.add_dock_widget(widget)
     widget.controls.epochs_spin.setValue(100)
     widget.controls.name_edit.setText("closed")
@@ -263,6 +285,76 @@ def test_closing_the_viewer_stops_a_run(make_napari_viewer, qtbot, model_file, s
     assert job.finished.is_set() and job.stop.is_set()
     assert not (tmp_path / "home" / "adapters" / "closed.safetensors").exists()
     qtbot.waitUntil(lambda: not job.worker.is_running, timeout=TIMEOUT_MS)
+    if worker == "process":  # closing the viewer ends the worker process
+        pid = widget.process.pid
+        assert pid is not None and pid != os.getpid() and not widget.process.alive
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_the_process_path_segments_as_the_core_does(process_widget, qtbot, small_path, model_file):
+    viewer, widget = process_widget
+    assert widget.process.pid != os.getpid()
+    widget.controls.segment_button.click()
+    _wait_idle(qtbot, widget)
+    from napari_convlora.inference import segment
+
+    expected = segment(load_model(model_file), load_volume(small_path), device="cpu").mask
+    np.testing.assert_array_equal(viewer.layers["mask: source"].data, expected)
+    assert widget.last_metrics is not None and "mask: source" in widget.last_metrics.rows  # metrics ran there too
+    assert widget.timings["segment"] > 0 and widget.process.alive  # the process stays for the next job
+
+
+def test_cancel_in_the_process_path_leaves_no_adapter_and_no_layer(process_widget, qtbot, tmp_path):
+    viewer, widget = process_widget
+    names = [layer.name for layer in viewer.layers]
+    widget.controls.epochs_spin.setValue(100)
+    widget.controls.name_edit.setText("cancelled-p")
+    widget.controls.adapt_button.click()
+    qtbot.waitUntil(lambda: len(widget.controls.train_plot.series.get("loss", [])) >= 1, timeout=TIMEOUT_MS)
+    started = time.perf_counter()
+    widget.controls.adapt_button.click()  # Cancel
+    _wait_idle(qtbot, widget)
+    assert time.perf_counter() - started < 30  # within a step or so, not after 100 epochs
+    assert "cancelled" in widget.controls.adapt_status.text()
+    assert not (tmp_path / "home" / "adapters").exists() or not list((tmp_path / "home" / "adapters").iterdir())
+    assert [layer.name for layer in viewer.layers] == names
+    widget.controls.segment_button.click()  # the same process serves the next job
+    _wait_idle(qtbot, widget)
+    assert "mask: source" in viewer.layers
+
+
+def test_an_error_in_the_worker_process_becomes_a_notification(process_widget, qtbot, tmp_path, monkeypatch):
+    viewer, widget = process_widget
+    messages = []
+    monkeypatch.setattr("napari_convlora._napari.widget.show_error", messages.append)
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a model")
+    widget.model_path = bad
+    n_layers = len(viewer.layers)
+    widget.controls.segment_button.click()
+    _wait_idle(qtbot, widget)
+    assert len(messages) == 1 and "broken.safetensors" in messages[0]
+    assert len(viewer.layers) == n_layers and widget.process.alive
+
+
+def test_without_a_worker_process_jobs_run_in_threads_and_the_user_is_told(
+    make_napari_viewer_proxy, qtbot, model_file, small_path, monkeypatch
+):
+    from napari_convlora._napari import job_process
+
+    monkeypatch.setattr(job_process.sys, "executable", "/nonexistent/python")
+    warnings = []
+    monkeypatch.setattr("napari_convlora._napari.widget.show_warning", warnings.append)
+    viewer = make_napari_viewer_proxy()
+    viewer.open(str(small_path), plugin="napari-convlora")
+    widget = ConvLoRAWidget(viewer, model_path=model_file)
+    viewer.window.add_dock_widget(widget)
+    assert not widget.process.wait_ready() and "nonexistent" in widget.process.failure
+    widget.controls.segment_button.click()
+    _wait_idle(qtbot, widget)
+    assert "mask: source" in viewer.layers
+    assert len(warnings) == 1 and "running in threads" in warnings[0]
 
 
 def test_plugin_menu_widget_and_gui_launcher(make_napari_viewer_proxy, qtbot, model_file):

@@ -4,10 +4,12 @@ Each job is a generator that yields progress (the core's own report objects)
 and returns its result; :mod:`.workers` runs them in napari thread workers and
 the tests can also drive them directly. No Qt here.
 
-torch is imported at module level on purpose: importing it inside a worker
-thread holds the GIL for ~0.4 s and freezes the viewer (measured, see
-``scripts/bench_gui_latency.py``). Inside a job, torch's intra-op threads are
-capped so that one core stays free for the GUI thread.
+The widget runs them in its worker process (:mod:`.job_process`), or in a
+thread of the viewer's process when that process cannot start. For that
+fallback torch is imported at module level: importing it inside a worker
+thread holds the GIL for ~0.4 s and freezes the viewer (measured with
+``scripts/bench_gui.py``), and a thread job caps torch's intra-op threads so
+that one core stays free for the GUI thread.
 """
 
 from __future__ import annotations
@@ -36,14 +38,26 @@ from ..metrics import evaluate
 from ..model import BaseModel, load_model
 from ..nifti import Volume
 from ..review import model_slices_around, model_slices_to_file, per_slice_surface_dice, surface_error_map
+from .job_process import CHILD_ENV
 
 SOURCE_LABEL = "none (source model)"
 AUTO_LABEL = "auto"
 
 
+THREADS_ENV = "CONVLORA_TORCH_THREADS"  # overrides the choice below (benchmarks, shared machines)
+
+
 def worker_threads() -> int:
-    """torch intra-op threads for a job: all cores but one (the GUI thread's), at least one."""
-    return max(1, (os.cpu_count() or 2) - 1)
+    """torch intra-op threads for a job.
+
+    In the worker process (:mod:`.job_process`) every core: the viewer has its own
+    process and GIL. In a thread of the viewer's process all cores but one, which
+    stays free for the GUI thread. At least one; ``CONVLORA_TORCH_THREADS`` overrides.
+    """
+    if os.environ.get(THREADS_ENV):
+        return max(1, int(os.environ[THREADS_ENV]))
+    cores = os.cpu_count() or 2
+    return cores if os.environ.get(CHILD_ENV) else max(1, cores - 1)
 
 
 def limit_threads() -> None:

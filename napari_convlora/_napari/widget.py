@@ -1,8 +1,10 @@
 """The "ConvLoRA Skull Strip" dock widget: segment, adapt to a new scanner, compare against a ground truth.
 
 The widget gathers the choices made in :class:`.controls.Controls`, copies the
-layer data, runs jobs (:mod:`.jobs`) in napari thread workers and turns their
-reports into a progress bar, plots, a table and new layers. It never writes
+layer data, runs jobs (:mod:`.jobs`) in its worker process (:mod:`.job_process`,
+relayed by napari thread workers; in the threads themselves if the process
+cannot start) and turns their reports into a progress bar, plots, a table and
+new layers. It never writes
 into an existing layer: every result is a new layer, added only when its job
 has finished, so a cancel or an error leaves the viewer as it was.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +36,7 @@ from ..library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, check_name, default_mode
 from ..review import upright_view
 from . import jobs
 from .controls import AROUND, NO_GT, Controls
+from .job_process import JobProcess
 from .layers import MADE_BY_KEY, aligned_kwargs, check_image_volume, volume_from_layer
 from .workers import Job, start_job
 
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 importlib.import_module("pandas")
 
 CLOSE_WAIT_S = 30.0  # how long closing the viewer waits for a job to stop (it stops within one step)
+WORKER_ENV = "CONVLORA_WORKER"  # "process" (the default) or "thread"
 
 
 class _CloseWatcher(QObject):
@@ -64,8 +69,18 @@ class _CloseWatcher(QObject):
 class ConvLoRAWidget(QWidget):
     """Skull stripping with the source model or a ConvLoRA adapter, adaptation, and metrics."""
 
-    def __init__(self, napari_viewer: napari.viewer.Viewer, model_path: str | Path | None = None) -> None:
+    def __init__(
+        self, napari_viewer: napari.viewer.Viewer, model_path: str | Path | None = None, worker: str | None = None
+    ) -> None:
+        """``worker``: "process" (default; ``CONVLORA_WORKER`` may say "thread") runs the model out of this process."""
         super().__init__()
+        worker = worker or os.environ.get(WORKER_ENV, "process")
+        if worker not in ("process", "thread"):
+            raise ValueError(f"worker must be 'process' or 'thread', got {worker!r}")
+        self.process: JobProcess | None = JobProcess() if worker == "process" else None
+        if self.process is not None:
+            self.process.start()  # torch loads there while the user opens a scan
+        self._told_fallback = False
         self.viewer = napari_viewer
         self.model_path: Path | None = Path(model_path) if model_path is not None else None
         self.jobs: dict[str, Job] = {}
@@ -301,9 +316,10 @@ class ConvLoRAWidget(QWidget):
         spec = spec or c.adapter_combo.currentData()
         target = {"kwargs": aligned_kwargs(layer), "image": layer.name}
         device = c.device_combo.currentText()
-        self._clicked.setdefault("segment", time.perf_counter())
+        if not self._segment_after_adapt:  # after Adapt, click-to-mask counts from the Adapt click
+            self._clicked["segment"] = time.perf_counter()
         c.status.setText(f"segmenting {layer.name}...")
-        self.jobs["segment"] = start_job(
+        self.jobs["segment"] = self._start(
             "segment",
             jobs.segment_job,
             model,
@@ -328,19 +344,23 @@ class ConvLoRAWidget(QWidget):
     def _on_segmented(self, result: jobs.SegmentResult | None, target: dict) -> None:
         if self._closing:
             return
-        c = self.controls
         after_adapt, self._segment_after_adapt = self._segment_after_adapt, False
         if result is None:
-            c.status.setText("segmentation stopped; nothing was added")
+            self.controls.status.setText("segmentation stopped; nothing was added")
             return
+        self._add_mask(result, target, after_adapt)
+
+    def _add_mask(self, result: jobs.SegmentResult, target: dict, after_adapt: bool) -> None:
+        """The mask as a new Labels layer on the image's grid; then metrics, if a ground truth is chosen."""
+        c = self.controls
         seg = result.segmentation
         kwargs = dict(target["kwargs"])
         made = {"image": target["image"], "adapter": result.label, "seconds": round(seg.seconds, 2)}
         kwargs["metadata"] = {**kwargs["metadata"], MADE_BY_KEY: made}
         layer = self.viewer.add_labels(seg.mask, name=f"mask: {result.label}", opacity=0.45, **kwargs)
-        elapsed = time.perf_counter() - self._clicked.pop("segment", time.perf_counter())
+        elapsed = time.perf_counter() - self._clicked.pop("adapt" if after_adapt else "segment", time.perf_counter())
         self.timings["adapt" if after_adapt else "segment"] = elapsed
-        clicked = "Adapt" if after_adapt else "Segment"
+        clicked = "Adapt" if after_adapt else "Segment"  # click-to-mask of Adapt counts from the Adapt click
         c.status.setText(f"{layer.name}: {seg.volume_ml:.0f} ml, {elapsed:.1f} s from {clicked} click; {result.note}")
         if after_adapt:
             c.adapt_status.setText(c.adapt_status.text().replace("segmenting with it...", f"added {layer.name}"))
@@ -388,11 +408,12 @@ class ConvLoRAWidget(QWidget):
             adabn=c.adabn_check.isChecked(),
             objective=c.objective_combo.currentText(),
         )
+        target = {"kwargs": aligned_kwargs(layer), "image": layer.name}
         c.name_edit.setText(name)
         c.train_plot.clear()
         self._clicked["adapt"] = time.perf_counter()
         c.adapt_status.setText(f"adapting to {layer.name}: choosing slices...")
-        self.jobs["adapt"] = start_job(
+        self.jobs["adapt"] = self._start(
             "adapt",
             jobs.adapt_job,
             model,
@@ -402,7 +423,7 @@ class ConvLoRAWidget(QWidget):
             around=around,
             keep_rejected=c.keep_rejected_check.isChecked(),
             on_yield=self._on_adapt_progress,
-            on_return=lambda r: self._on_adapted(r, layer.name),
+            on_return=lambda r: self._on_adapted(r, target),
             on_error=lambda e: self._on_error("adapt", e, config.device),
             on_finish=lambda: self._on_finished("adapt"),
         )
@@ -429,9 +450,10 @@ class ConvLoRAWidget(QWidget):
                 f"{report.done}/{report.total} slices"
             )
 
-    def _on_adapted(self, result: jobs.AdaptResult | None, image_name: str) -> None:
+    def _on_adapted(self, result: jobs.AdaptResult | None, target: dict) -> None:
         if self._closing:
             return
+        image_name = target["image"]
         c = self.controls
         if result is None:
             c.adapt_status.setText("adaptation cancelled: nothing was saved or added")
@@ -453,6 +475,10 @@ class ConvLoRAWidget(QWidget):
         )
         self.refresh_adapters()
         c.select_adapter(str(result.path))
+        if done.segmentation is not None:  # the gate segmented the scan with the adapter already
+            label = done.adapter.name or result.path.stem
+            self._add_mask(jobs.SegmentResult(done.segmentation, label, f"adapter {label}"), target, after_adapt=True)
+            return
         # segment with the new adapter once the adapt worker has finished (see _on_finished)
         self._pending_segment = (str(result.path), self._clicked.pop("adapt", time.perf_counter()))
 
@@ -535,7 +561,7 @@ class ConvLoRAWidget(QWidget):
             return
         kwargs = aligned_kwargs(gt)
         self.controls.evaluate_button.setEnabled(False)
-        self.jobs["metrics"] = start_job(
+        self.jobs["metrics"] = self._start(
             "metrics",
             jobs.metrics_job,
             masks,
@@ -578,6 +604,19 @@ class ConvLoRAWidget(QWidget):
             self.export_csv(path if path.lower().endswith(".csv") else f"{path}.csv")
 
     # ---------------------------------------------------------------- job plumbing
+    def _start(self, kind: str, job, *args, **kwargs) -> Job:
+        """Start a job in the worker process (or, if it could not start, in a thread: say so once)."""
+        self._tell_fallback()
+        return start_job(kind, job, *args, process=self.process, **kwargs)
+
+    def _tell_fallback(self) -> None:
+        if self.process is not None and self.process.failure and not self._told_fallback:
+            self._told_fallback = True
+            show_warning(
+                f"napari-convlora: the worker process did not start ({self.process.failure}); "
+                "running in threads of the viewer instead, which may pause it during runs"
+            )
+
     def _bar(self, kind: str, total: int, description: str) -> progress:
         if kind not in self._progress:
             self._progress[kind] = progress(total=total, desc=description)
@@ -598,6 +637,7 @@ class ConvLoRAWidget(QWidget):
         self.jobs.pop(kind, None)
         if self._closing:
             return
+        self._tell_fallback()  # the process may have failed while this job waited for it
         bar = self._progress.pop(kind, None)
         if bar is not None:
             bar.close()
@@ -607,7 +647,7 @@ class ConvLoRAWidget(QWidget):
         if kind == "adapt" and self._pending_segment is not None:
             spec, clicked = self._pending_segment
             self._pending_segment = None
-            self._clicked["segment"] = clicked  # click-to-mask of Adapt counts from the Adapt click
+            self._clicked["adapt"] = clicked
             self._segment_after_adapt = True
             self.segment(spec)
             if "segment" not in self.jobs:
@@ -630,6 +670,8 @@ class ConvLoRAWidget(QWidget):
         for bar in self._progress.values():
             bar.close()
         self._progress.clear()
+        if self.process is not None:
+            self.process.close()
 
     def showEvent(self, event) -> None:  # Qt's method name
         window = self.window()
