@@ -84,7 +84,8 @@ class ConvLoRAWidget(QWidget):
         self.viewer = napari_viewer
         self.model_path: Path | None = Path(model_path) if model_path is not None else None
         self.jobs: dict[str, Job] = {}
-        self.timings: dict[str, float] = {}  # seconds from click to new mask layer: "segment", "adapt"
+        # seconds from click to new mask layer: "segment", "adapt" (to the gate's refusal, if it refused)
+        self.timings: dict[str, float] = {}
         self.last_metrics: jobs.MetricsResult | None = None
         self.adapter_slices: list[tuple[int, int]] = []  # (file axis, index) the last adapter learned from
         self._progress: dict[str, progress] = {}
@@ -465,7 +466,7 @@ class ConvLoRAWidget(QWidget):
             message = f"adaptation did not help on this scan; keeping the source model ({done.gate_text}){kept}"
             c.adapt_status.setText(message)
             show_warning(f"napari-convlora: {message}")
-            self._clicked.pop("adapt", None)
+            self.timings["adapt"] = time.perf_counter() - self._clicked.pop("adapt", time.perf_counter())
             if result.path is not None:
                 self.refresh_adapters()
             return
