@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -145,6 +146,34 @@ def settle(seconds: float) -> None:
     wait_until(lambda end=time.perf_counter() + seconds: time.perf_counter() > end, seconds + 5)
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, all threads) of this process, or of process ``pid`` (Linux /proc)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds spent by the viewer's process and by the worker process between marks, per phase."""
+
+    def __init__(self, worker_pid: int | None) -> None:
+        self.pid = worker_pid
+        self.phases: dict[str, dict[str, float]] = {}
+        self._mark = self._now()
+
+    def _now(self) -> tuple[float, float, float]:
+        worker = cpu_seconds(self.pid) if self.pid is not None else 0.0
+        return time.perf_counter(), cpu_seconds(), worker
+
+    def phase(self, name: str) -> None:
+        now = self._now()
+        wall, gui, worker = (b - a for a, b in zip(self._mark, now, strict=True))
+        self.phases[name] = {"wall_s": round(wall, 1), "viewer_cpu_s": round(gui, 1), "worker_cpu_s": round(worker, 1)}
+        self._mark = now
+
+
 def cli_times(model: Path | None, folder: Path) -> dict[str, float]:
     """Whole-process seconds of ``convlora segment`` and ``convlora adapt`` (the widget's defaults) on the sample."""
     scan, _ = twin()
@@ -185,6 +214,9 @@ def main() -> None:
     recorder = TickRecorder(widget)
     settle(2.0)
     recorder.start()
+    meter = CpuMeter(widget.process.pid if widget.process is not None else None)
+    settle(3.0)
+    meter.phase("idle")
 
     def shot(name: str) -> None:
         if args.screenshots is not None:
@@ -193,6 +225,7 @@ def main() -> None:
 
     widget.controls.segment_button.click()
     wait_until(lambda: not widget.jobs, args.timeout)
+    meter.phase("segment and metrics")
     shot("gui_segment.png")
 
     widget.controls.adapt_button.click()
@@ -201,6 +234,7 @@ def main() -> None:
     wait_until(lambda: not widget.jobs and "adapt" in widget.timings, args.timeout)
     accepted = any(layer.name.startswith("mask") and layer.name != "mask: source" for layer in viewer.layers)
     wait_until(lambda: widget.last_metrics is not None and len(widget.last_metrics.rows) >= 1 + accepted, args.timeout)
+    meter.phase("adapt (and metrics)")
     settle(1.0)
     if widget.adapter_slices:
         widget.jump_to_slice(*widget.adapter_slices[len(widget.adapter_slices) // 2])
@@ -223,6 +257,7 @@ def main() -> None:
         "adapt_status": widget.controls.adapt_status.text(),
         "event_loop": recorder.summary(),
         "slowest_result_handler_ms": recorder.handler_ms,
+        "cpu_per_phase": meter.phases,
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "metrics": {
             name: {k: round(v, 4) for k, v in figures.items() if k in ("dice", "surface_dice", "hd95_mm")}

@@ -21,6 +21,7 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QListWidget,
     QListWidgetItem,
+    QProgressBar,
     QPushButton,
     QSpinBox,
     QTableWidget,
@@ -79,6 +80,7 @@ class Controls(QWidget):
         self.errors_check = QCheckBox("add a surface errors layer (needs a ground truth)")
         self.segment_button = QPushButton("Segment")
         self.status = _label("ready")
+        self.segment_progress = _progress_bar()
         form.addRow("adapter", _row(self.adapter_combo, self.refresh_button))
         self.import_button = QPushButton("Import...")
         self.export_adapter_button = QPushButton("Export...")
@@ -89,6 +91,7 @@ class Controls(QWidget):
         )
         form.addRow(self.errors_check)
         form.addRow(self.segment_button)
+        form.addRow(self.segment_progress)
         form.addRow(self.status)
         return box
 
@@ -115,6 +118,7 @@ class Controls(QWidget):
         self.name_edit.setPlaceholderText("adapter name, e.g. philips-3t")
         self.adapt_button = QPushButton("Adapt")
         self.adapt_status = _label()
+        self.adapt_progress = _progress_bar()
         self.train_plot = LinePlot("adaptation: loss per step, consistency per epoch", "step")
         self.slice_list = QListWidget()
         self.slice_list.setMaximumHeight(80)
@@ -129,6 +133,7 @@ class Controls(QWidget):
         form.addRow("", self.keep_rejected_check)
         form.addRow("name", self.name_edit)
         form.addRow(self.adapt_button)
+        form.addRow(self.adapt_progress)
         form.addRow(self.adapt_status)
         form.addRow(self.train_plot)
         form.addRow("learned from", self.slice_list)
@@ -225,6 +230,18 @@ def _label(text: str = "") -> QLabel:
     label = QLabel(text)
     label.setWordWrap(True)
     return label
+
+
+def _progress_bar() -> QProgressBar:
+    """A determinate bar in the form, hidden when idle.
+
+    Not napari's ``progress``: its activity indicator repaints the window while
+    it is open, which cost the viewer's process 80% of a core on a software-GL
+    display (measured), a core the model then lacks.
+    """
+    bar = QProgressBar()
+    bar.setVisible(False)
+    return bar
 
 
 def _row(*widgets: QWidget) -> QHBoxLayout:
