@@ -3,8 +3,10 @@
 Contract for scripts and pipelines: with ``--json`` each command prints exactly
 one JSON object on stdout. Exit status 0 on success, 2 on bad input or usage
 (one line ``error: ...`` on stderr, naming the file and the problem), 1 on an
-unexpected internal error. Outputs are written to a temporary name and renamed,
-so a failure never leaves a partial file behind.
+unexpected internal error; ``batch`` also exits 2 when any scan failed (each
+failure is a row of its results table, and the others ran). Outputs are
+written to a temporary name and renamed, so a failure never leaves a partial
+file behind.
 """
 
 from __future__ import annotations
@@ -240,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     for a in actions.choices.values():
         a.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p = sub.add_parser("batch", help="a cohort: every scan of a folder, glob or CSV, on dask.distributed (resumable)")
+    p.add_argument("inputs", nargs="?", help="a folder of NIfTI scans, a glob (quoted), or a CSV: input[,gt][,adapter]")
+    p.add_argument("-o", "--output", type=Path, required=True, help="folder for the masks and results.csv/.parquet")
+    p.add_argument("--csv", type=Path, help="the scans as a CSV (columns input[,gt][,adapter]) instead of INPUTS")
+    p.add_argument("--gt-dir", type=Path, help="ground truths: the file of the same name in this folder, if there")
+    p.add_argument("--adapter", default="none", help="none, auto, a library name or file, or adapt (per scan, gated)")
+    p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
+    p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES)
+    p.add_argument("--scheduler", default="local", help="local (a cluster of processes here) or tcp://HOST:PORT")
+    p.add_argument("--workers", type=_positive_int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--threads-per-worker", type=_positive_int, default=2, help="torch threads per scan")
+    p.add_argument("--overwrite", action="store_true", help="replace masks already in OUTPUT that no run recorded")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
     p = sub.add_parser("gui", help="open napari with the ConvLoRA Skull Strip widget docked (needs the [qt] extra)")
     p.add_argument("--sample", action="store_true", help="load the sample as a simulated Philips 3 T scan + its mask")
     p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
@@ -308,6 +324,70 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         out["auto"]["skipped"] = auto.skipped
         out["auto"]["kept"] = checked.label
     return out
+
+
+def cmd_batch(args: argparse.Namespace) -> dict:
+    from .batch import RESULTS_CSV, ResultsTable, connect, plan_scans, run_batch
+
+    if args.csv is not None and args.gt_dir is not None:
+        raise InputError("--gt-dir and --csv: give ground truths in the CSV's gt column instead")
+    if args.gt_dir is not None and not args.gt_dir.is_dir():
+        raise InputError(f"{args.gt_dir}: no such folder (--gt-dir)")
+    if args.model is not None and not args.model.is_file():
+        raise InputError(f"{args.model}: no such model file")
+    if args.output.exists() and not args.output.is_dir():
+        raise InputError(f"{args.output}: is a file; give a folder for the masks")
+    scans = plan_scans(args.inputs, args.output.resolve(), args.adapter, args.gt_dir, args.csv)
+    table = ResultsTable(args.output.resolve())
+    if not table.path.is_file() and not args.overwrite:  # a folder no run of ours wrote: never replace its files
+        taken = [scan.output for scan in scans if Path(scan.output).exists()]
+        if taken:
+            raise InputError(f"{taken[0]}: already exists (and {len(taken) - 1} more); pass --overwrite to replace")
+    args.output.mkdir(parents=True, exist_ok=True)
+    done_before = table.done()
+    todo = sum(scan.input not in done_before for scan in scans)
+    bar = None
+    if sys.stderr.isatty() and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=todo, desc="scans", unit="scan", file=sys.stderr)
+    start = time.perf_counter()
+    client = connect(args.scheduler, args.workers, args.threads_per_worker) if todo else None
+    rows = []
+    try:
+        if client is not None:
+            model = str(args.model.resolve()) if args.model is not None else None
+            for row in run_batch(scans, args.output.resolve(), client, model, args.device, args.threads_per_worker):
+                rows.append(row)
+                if row["status"] != "ok":
+                    message = f"failed: {row['error']}"
+                    print(message, file=sys.stderr) if bar is None else bar.write(message, file=sys.stderr)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if client is not None:
+            cluster = client.cluster if args.scheduler == "local" else None
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    seconds = time.perf_counter() - start
+    parquet = table.write_parquet()
+    failed = [row for row in rows if row["status"] != "ok"]
+    return {
+        "output": str(args.output),
+        "results_csv": str(args.output / RESULTS_CSV),
+        "results_parquet": str(parquet),
+        "scans": len(scans),
+        "skipped_done": len(scans) - todo,
+        "ran": len(rows),
+        "ok": len(rows) - len(failed),
+        "failed": len(failed),
+        "seconds": round(seconds, 2),
+        "scans_per_minute": round(len(rows) / seconds * 60, 2) if rows and seconds > 0 else None,
+        "exit_status": EXIT_INPUT if failed else EXIT_OK,
+    }
 
 
 def cmd_adapt(args: argparse.Namespace) -> dict:
@@ -754,6 +834,7 @@ COMMANDS = {
     "benchmark": cmd_benchmark,
     "adapters": cmd_adapters,
     "gui": cmd_gui,
+    "batch": cmd_batch,
 }
 
 
@@ -803,6 +884,12 @@ def _print_human(command: str, result: dict) -> None:
         print(f"{result['model']}: model {result['model_id'][:12]}, {result['seconds']:.0f} s")
     elif command == "adapters":
         _print_adapters(result)
+    elif command == "batch":
+        print(
+            f"{result['ok']} of {result['ran']} scans segmented into {result['output']} "
+            f"({result['skipped_done']} done before, skipped; {result['failed']} failed) in {result['seconds']:.0f} s; "
+            f"results in {result['results_csv']}"
+        )
     elif command == "segment":
         print(
             f"{result['output']}: brain {result['volume_ml']:.1f} ml, adapter {result['adapter']}, "
@@ -842,7 +929,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(_json_safe(result)))
     else:
         _print_human(args.command, result)
-    return EXIT_OK
+    return int(result.get("exit_status", EXIT_OK))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,218 @@
+"""``convlora batch``: planning a cohort, and real runs on dask.distributed.
+
+The cluster tests start a real ``dask scheduler`` and two ``dask worker``
+processes on loopback, as a user of a cluster would, and run the CLI against
+them with a tiny random model on the 4 mm sample head (seconds per scan).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_convlora.batch import RESULTS_CSV, plan_scans
+from napari_convlora.cli import main
+from napari_convlora.errors import InputError
+from napari_convlora.inference import segment
+from napari_convlora.model import load_model
+from napari_convlora.nifti import load_mask, load_volume
+
+distributed = pytest.importorskip("distributed")
+
+
+def _rows(outdir: Path) -> list[dict]:
+    with (outdir / RESULTS_CSV).open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def cohort(tmp_path, small_path, small_mask_path) -> tuple[Path, Path]:
+    """Three copies of the 4 mm head, one broken file, and a ground truth for one of them."""
+    scans, gts = tmp_path / "scans", tmp_path / "gts"
+    scans.mkdir()
+    gts.mkdir()
+    for name in ("a", "b", "c"):
+        shutil.copy(small_path, scans / f"{name}.nii.gz")
+    (scans / "broken.nii.gz").write_bytes(b"this is not a NIfTI file")
+    (scans / "notes.txt").write_text("not a scan")
+    shutil.copy(small_mask_path, gts / "a.nii.gz")
+    return scans, gts
+
+
+def test_plan_from_a_folder_a_glob_and_a_csv(cohort, tmp_path):
+    scans, gts = cohort
+    out = tmp_path / "out"
+    planned = plan_scans(str(scans), out, "none", gt_dir=gts)
+    assert [Path(s.input).name for s in planned] == ["a.nii.gz", "b.nii.gz", "broken.nii.gz", "c.nii.gz"]
+    assert Path(planned[0].output).name == "a_mask.nii.gz"
+    assert planned[0].gt == str(gts / "a.nii.gz") and planned[1].gt is None
+    assert len(plan_scans(str(scans / "[ab].nii.gz"), out)) == 2
+    table = tmp_path / "cohort.csv"
+    table.write_text("input,gt,adapter\nscans/a.nii.gz,gts/a.nii.gz,auto\nscans/b.nii.gz,,\n")
+    from_csv = plan_scans(str(table), out, "none")
+    assert from_csv[0].gt == str(tmp_path / "gts" / "a.nii.gz") and from_csv[0].adapter == "auto"
+    assert from_csv[1].gt is None and from_csv[1].adapter == "none"
+    assert plan_scans(None, out, "none", csv_file=table) == from_csv
+
+
+def test_plan_refuses_what_cannot_run(cohort, tmp_path):
+    scans, _ = cohort
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match="no such folder"):
+        plan_scans(str(tmp_path / "missing"), out)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no NIfTI scans"):
+        plan_scans(str(tmp_path / "empty"), out)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(scans / "a.nii.gz", other / "a.nii")
+    with pytest.raises(InputError, match="same name"):
+        plan_scans(str(tmp_path / "*" / "a.nii*"), out)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,gt\nx.nii.gz,\n")
+    with pytest.raises(InputError, match="'input' column"):
+        plan_scans(str(bad), out)
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A real scheduler and two workers (no nanny: killing one kills the worker) on loopback."""
+    scheduler_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+    common = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+         "--no-dashboard", "--scheduler-file", str(scheduler_file)],
+        **common,
+    )  # fmt: skip
+    deadline = time.time() + 60
+    while not scheduler_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    address = json.loads(scheduler_file.read_text())["address"]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_worker",
+                address,
+                "--nthreads",
+                "1",
+                "--no-nanny",
+                "--no-dashboard",
+                "--host",
+                "127.0.0.1",
+                "--name",
+                f"w{i}",
+            ],
+            **common,
+        )
+        for i in range(2)
+    ]
+    with distributed.Client(address, timeout="30s") as client:
+        client.wait_for_workers(2, timeout=120)
+    yield address, workers
+    for process in [*workers, scheduler]:
+        if process.poll() is None:
+            process.terminate()
+    for process in [*workers, scheduler]:
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_batch_on_a_dask_cluster_records_every_scan_and_resumes(
+    dask_cluster, cohort, tmp_path, model_file, small_path, small_mask_path, capsys
+):
+    address, _ = dask_cluster
+    scans, gts = cohort
+    out = tmp_path / "out"
+    argv = ["batch", str(scans), "-o", str(out), "--gt-dir", str(gts), "--model", str(model_file)]
+    argv += ["--scheduler", address, "--threads-per-worker", "1", "--json"]
+    assert main(argv) == 2  # one scan failed: recorded, the others ran
+    result = json.loads(capsys.readouterr().out)
+    assert (result["scans"], result["ran"], result["ok"], result["failed"]) == (4, 4, 3, 1)
+    rows = {Path(r["input"]).name: r for r in _rows(out)}
+    assert rows["broken.nii.gz"]["status"] == "error" and "broken.nii.gz" in rows["broken.nii.gz"]["error"]
+    assert not (out / "broken_mask.nii.gz").exists()
+    expected = segment(load_model(model_file), load_volume(small_path), device="cpu").mask
+    for name in ("a", "b", "c"):
+        assert rows[f"{name}.nii.gz"]["status"] == "ok"
+        np.testing.assert_array_equal(load_mask(out / f"{name}_mask.nii.gz").data, expected)
+    assert len({rows[f"{n}.nii.gz"]["worker"] for n in "abc"}) >= 1
+    from napari_convlora.metrics import evaluate
+
+    gt = load_mask(small_mask_path)
+    assert float(rows["a.nii.gz"]["dice"]) == pytest.approx(
+        evaluate(expected, gt.data > 0, gt.spacing)["dice"], abs=1e-4
+    )
+    assert rows["b.nii.gz"]["dice"] == ""  # no ground truth for b
+    import pandas as pd
+
+    frame = pd.read_parquet(out / "results.parquet")
+    assert len(frame) == 4 and frame["dice"].notna().sum() == 1
+    # the same command again: the three done scans are skipped, only the broken one runs (and fails) again
+    assert main(argv) == 2
+    again = json.loads(capsys.readouterr().out)
+    assert (again["skipped_done"], again["ran"], again["failed"]) == (3, 1, 1)
+
+
+def test_killing_a_worker_mid_run_loses_no_scan_and_the_rerun_completes(
+    dask_cluster, tmp_path, small_path, model_file, capsys
+):
+    address, workers = dask_cluster
+    scans = tmp_path / "many"
+    scans.mkdir()
+    for i in range(16):
+        shutil.copy(small_path, scans / f"s{i:02d}.nii.gz")
+    out = tmp_path / "out"
+    argv = ["batch", str(scans), "-o", str(out), "--model", str(model_file), "--scheduler", address]
+    argv += ["--threads-per-worker", "1", "--json"]
+    status: list[int] = []
+    run = threading.Thread(target=lambda: status.append(main(argv)))
+    run.start()
+    deadline = time.time() + 120
+    while not ((out / RESULTS_CSV).exists() and len(_rows(out)) >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    workers[0].send_signal(signal.SIGKILL)  # mid-run: at least one scan done, most still to go
+    run.join(300)
+    assert status == [0]
+    first = json.loads(capsys.readouterr().out)
+    rows = _rows(out)
+    assert first["ok"] == 16 and len(rows) == 16 and all(r["status"] == "ok" for r in rows)
+    assert len(list(out.glob("*_mask.nii.gz"))) == 16
+    assert main(argv) == 0  # the rerun completes: nothing left to do
+    again = json.loads(capsys.readouterr().out)
+    assert (again["skipped_done"], again["ran"]) == (16, 0)
+
+
+def test_batch_with_a_local_cluster_and_bad_arguments(tmp_path, small_path, model_file, capsys, monkeypatch):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(small_path, scans / "x.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x_mask.nii.gz").write_bytes(b"someone's file")
+    argv = ["batch", str(scans), "-o", str(out), "--model", str(model_file), "--workers", "1", "--json"]
+    assert main(argv) == 2  # a folder no run of ours wrote: its files are never replaced unasked
+    assert "x_mask.nii.gz: already exists" in capsys.readouterr().err
+    assert (out / "x_mask.nii.gz").read_bytes() == b"someone's file"
+    assert main([*argv, "--overwrite", "--threads-per-worker", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] == 1
+    assert load_mask(out / "x_mask.nii.gz").data.shape == load_volume(small_path).data.shape
+    assert main(["batch", str(scans), "-o", str(out), "--scheduler", "tcp://127.0.0.1:9", "--json"]) == 0  # all done
+    monkeypatch.setattr("napari_convlora.batch.CONNECT_TIMEOUT", "2s")
+    assert main(["batch", str(scans), "-o", str(tmp_path / "o2"), "--scheduler", "tcp://127.0.0.1:9"]) == 2
+    assert "cannot reach the dask scheduler" in capsys.readouterr().err
