@@ -59,6 +59,15 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
+def _mask_name(path: Path, base: Path) -> str:
+    """The scan's path below the inputs' common folder, "/" as "_", without its suffix: unique, and readable.
+
+    A flat folder gives the file's own stem (``sub-01_T1w``); ``heads/*/t1.nii.gz`` gives ``colin27_t1``.
+    """
+    relative = path.resolve().relative_to(base)
+    return "_".join([*relative.parent.parts, _stem(relative)])
+
+
 def _csv_rows(path: Path) -> list[tuple[Path, Path | None, str | None]]:
     """(input, gt, adapter) per row of a CSV with the columns input[,gt][,adapter]; relative to the CSV's folder."""
     try:
@@ -113,10 +122,11 @@ def plan_scans(
     if not entries:
         raise InputError(f"{inputs or csv_file}: no NIfTI scans (.nii, .nii.gz) found")
     scans, owners = [], {}
+    base = Path(os.path.commonpath([str(path.resolve().parent) for path, _, _ in entries]))
     for path, gt, own_adapter in entries:
         if gt is None and gt_dir is not None and (gt_dir / path.name).is_file():
             gt = gt_dir / path.name
-        output = outdir / f"{_stem(path)}_mask.nii.gz"
+        output = outdir / f"{_mask_name(path, base)}_mask.nii.gz"
         if output in owners:
             raise InputError(f"{path}: its mask would have the same name, {output.name}, as that of {owners[output]}")
         owners[output] = path

@@ -74,11 +74,12 @@ def test_plan_refuses_what_cannot_run(cohort, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no NIfTI scans"):
         plan_scans(str(tmp_path / "empty"), out)
-    other = tmp_path / "other"
-    other.mkdir()
-    shutil.copy(scans / "a.nii.gz", other / "a.nii")
+    shutil.copy(scans / "a.nii.gz", scans / "a.nii")
     with pytest.raises(InputError, match="same name"):
-        plan_scans(str(tmp_path / "*" / "a.nii*"), out)
+        plan_scans(str(scans), out)
+    # the same file name in several folders: the folders name the masks
+    names = [Path(s.output).name for s in plan_scans(str(tmp_path / "*" / "a.nii.gz"), out)]
+    assert names == ["gts_a_mask.nii.gz", "scans_a_mask.nii.gz"]
     bad = tmp_path / "bad.csv"
     bad.write_text("file,gt\nx.nii.gz,\n")
     with pytest.raises(InputError, match="'input' column"):
