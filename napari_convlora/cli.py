@@ -252,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES)
     p.add_argument("--scheduler", default="local", help="local (a cluster of processes here) or tcp://HOST:PORT")
     p.add_argument("--workers", type=_positive_int, default=max(1, (os.cpu_count() or 2) // 2))
-    p.add_argument("--threads-per-worker", type=_positive_int, default=2, help="torch threads per scan")
+    p.add_argument(
+        "--threads-per-worker", type=_positive_int, default=2, help="torch threads for each scan (a worker runs one)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace masks already in OUTPUT that no run recorded")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -352,7 +354,7 @@ def cmd_batch(args: argparse.Namespace) -> dict:
 
         bar = tqdm(total=todo, desc="scans", unit="scan", file=sys.stderr)
     start = time.perf_counter()
-    client = connect(args.scheduler, args.workers, args.threads_per_worker) if todo else None
+    client = connect(args.scheduler, args.workers) if todo else None
     rows = []
     try:
         if client is not None:
