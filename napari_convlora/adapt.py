@@ -270,9 +270,12 @@ def adapt(
     config: AdaptConfig = AdaptConfig(),
     name: str = "adapter",
     should_stop: Callable[[], bool] | None = None,
+    source: Segmentation | None = None,
 ) -> Iterator[Report]:
     """Self-train an adapter on ``volume``; yield reports, ending with AdaptDone or AdaptCancelled.
 
+    ``source``: the source model's whole-scan segmentation of ``volume`` on this
+    device, if the caller has it; the confidence gate then does not segment it again.
     The adapter's metadata never names the input file: adapters are shared between
     sites, and scan file names often carry patient identifiers.
     """
@@ -390,7 +393,7 @@ def adapt(
     if config.gate == "consistency":
         gate_score, gate_source_score = scores[best_epoch - 1], source_score
     else:
-        gate_scores = yield from _volume_confidences(base, volume, adapter, config.device, start, should_stop)
+        gate_scores = yield from _volume_confidences(base, volume, adapter, config.device, start, should_stop, source)
         if gate_scores is None:
             yield AdaptCancelled(step, time.perf_counter() - start)
             return
@@ -418,6 +421,7 @@ def _volume_confidences(
     device: str,
     start: float,
     should_stop: Callable[[], bool] | None,
+    source: Segmentation | None = None,
 ) -> Generator[GateProgress, None, tuple[float, float, Segmentation] | None]:
     """:func:`mask_confidence` of the whole-volume result of the source model and of the adapted one.
 
@@ -425,7 +429,7 @@ def _volume_confidences(
     None if ``should_stop`` said so (between batches of slices).
     """
     pair = None
-    checking = iter_source_and_adapted(base, volume, adapter, device, should_stop)
+    checking = iter_source_and_adapted(base, volume, adapter, device, should_stop, source=source)
     while True:
         try:
             report = next(checking)

@@ -166,13 +166,17 @@ def iter_segment_checked(
     choice: AutoChoice,
     device: str = "auto",
     should_stop: Callable[[], bool] | None = None,
+    source: Segmentation | None = None,
     **segment_options,
 ) -> Generator[SegmentProgress, None, CheckedSegmentation | None]:
     """Segment with the auto-picked model, keeping a picked adapter only if the do-no-harm gate passes it.
 
-    A picked adapter costs one more segmentation (the source model's, for the gate);
-    progress counts both. None if ``should_stop`` said so.
+    A picked adapter costs one more segmentation (the source model's, for the gate,
+    unless the caller passes it as ``source``); progress counts both. None if
+    ``should_stop`` said so.
     """
+    if choice.adapter is None and source is not None:
+        return CheckedSegmentation(source, SOURCE, choice.reason)
     if choice.adapter is None:
         result = None
         for report in iter_segment(base, volume, None, device=device, should_stop=should_stop, **segment_options):
@@ -180,7 +184,9 @@ def iter_segment_checked(
                 yield report
             result = report
         return None if result is None else CheckedSegmentation(result, SOURCE, choice.reason)
-    pair = yield from iter_source_and_adapted(base, volume, choice.adapter, device, should_stop, **segment_options)
+    pair = yield from iter_source_and_adapted(
+        base, volume, choice.adapter, device, should_stop, source=source, **segment_options
+    )
     if pair is None:
         return None
     source, picked = pair

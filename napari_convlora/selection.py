@@ -112,16 +112,20 @@ def iter_source_and_adapted(
     adapter: Adapter,
     device: str = "auto",
     should_stop: Callable[[], bool] | None = None,
+    source: Segmentation | None = None,
     **segment_options,
 ) -> Generator[SegmentProgress, None, tuple[Segmentation, Segmentation] | None]:
     """The whole scan segmented by the source model, then with ``adapter``: what the confidence gate compares.
 
+    ``source``: the source model's segmentation of this very scan (same model, device
+    and options), if the caller has it; then only the adapter's run is made.
     Progress counts both runs (the first run's slice count stands in for the second's
     until it starts). None if ``should_stop`` said so.
     """
-    results: list[Segmentation] = []
+    results: list[Segmentation] = [] if source is None else [source]
     done = total = 0
-    for runs_left, candidate in ((2, None), (1, adapter)):
+    runs = ((2, None), (1, adapter)) if source is None else ((1, adapter),)
+    for runs_left, candidate in runs:
         result = None
         for report in iter_segment(base, volume, candidate, device=device, should_stop=should_stop, **segment_options):
             if isinstance(report, SegmentProgress):

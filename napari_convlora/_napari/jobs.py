@@ -15,6 +15,7 @@ that one core stays free for the GUI thread.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import threading
@@ -77,6 +78,29 @@ def get_model(path: str | Path) -> BaseModel:
     return _cached_model(str(path), path.stat().st_mtime_ns)
 
 
+_SOURCE: dict[tuple, Segmentation] = {}  # the last source-model segmentation, for the gate and auto's check
+
+
+def _source_key(model_path: str | Path, volume: Volume, device: str) -> tuple:
+    """What makes a source-model segmentation reusable: the model file's version, the device, the voxels, the grid."""
+    path = Path(model_path)
+    data = np.ascontiguousarray(volume.data)
+    digest = hashlib.blake2b(memoryview(data).cast("B"), digest_size=16)
+    digest.update(np.asarray(volume.affine, dtype=np.float64).tobytes())
+    return str(path.resolve()), path.stat().st_mtime_ns, device, data.shape, str(data.dtype), digest.hexdigest()
+
+
+def known_source(model_path: str | Path, volume: Volume, device: str) -> Segmentation | None:
+    """The source model's segmentation of this very scan, if a job of this process made it (deterministic)."""
+    return _SOURCE.get(_source_key(model_path, volume, device))
+
+
+def remember_source(model_path: str | Path, volume: Volume, device: str, segmentation: Segmentation) -> None:
+    """Keep one source segmentation (a volume's probability and mask): Adapt after Segment reuses it."""
+    _SOURCE.clear()
+    _SOURCE[_source_key(model_path, volume, device)] = segmentation
+
+
 @dataclass
 class SegmentResult:
     segmentation: Segmentation
@@ -107,14 +131,19 @@ def segment_job(
     """
     limit_threads()
     base = get_model(model_path)
+    source = known_source(model_path, volume, device)
     if spec == AUTO_LABEL:
         files = [path for _, path, _ in library_files()]  # built-ins first: they win a name clash, as in the library
         choice = choose_adapter(base, volume, files, device=device)
-        checked = yield from iter_segment_checked(base, volume, choice, device=device, should_stop=stop.is_set)
+        checked = yield from iter_segment_checked(
+            base, volume, choice, device=device, should_stop=stop.is_set, source=source
+        )
         if checked is None or stop.is_set():
             return None
         return SegmentResult(checked.segmentation, checked.label, checked.note)
     adapter, label, note = resolve_for_widget(spec)
+    if adapter is None and source is not None:  # the same scan, model and device: the same mask, already made
+        return SegmentResult(_own_mask(source), label, note)
     result = None
     for report in iter_segment(base, volume, adapter, device=device, should_stop=stop.is_set):
         if isinstance(report, SegmentProgress):
@@ -123,7 +152,15 @@ def segment_job(
             result = report
     if result is None or stop.is_set():
         return None
+    if adapter is None:
+        remember_source(model_path, volume, device, result)
+        result = _own_mask(result)
     return SegmentResult(result, label, note)
+
+
+def _own_mask(segmentation: Segmentation) -> Segmentation:
+    """The result with a mask of its own: a Labels layer the user paints on must not change the kept one."""
+    return replace(segmentation, mask=segmentation.mask.copy())
 
 
 @dataclass
@@ -167,7 +204,8 @@ def adapt_job(
         indices = model_slices_around(geometry, around, config.slices)
         config = replace(config, slice_indices=indices)
     done = None
-    for report in adapt(base, volume, config, name=name, should_stop=stop.is_set):
+    source = known_source(model_path, volume, config.device)  # Segment, then Adapt: the gate reuses that mask
+    for report in adapt(base, volume, config, name=name, should_stop=stop.is_set, source=source):
         if isinstance(report, AdaptCancelled):
             return None
         if isinstance(report, AdaptDone):
