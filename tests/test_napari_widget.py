@@ -432,3 +432,17 @@ def test_library_actions_import_rename_export_remove(viewer_widget, tmp_path, mo
     broken.write_bytes(b"not an adapter")
     assert widget.import_adapter(broken) is None and str(broken) in messages[-1]
     assert sorted(p.name for p in library.iterdir()) == ["site-a.safetensors"]
+
+
+def test_a_worker_process_that_dies_is_reported_and_jobs_go_on_in_threads(process_widget, qtbot, monkeypatch):
+    import signal
+
+    viewer, widget = process_widget
+    warnings = []
+    monkeypatch.setattr("napari_convlora._napari.widget.show_warning", warnings.append)
+    os.kill(widget.process.pid, signal.SIGKILL)  # e.g. the system's out-of-memory killer
+    qtbot.waitUntil(lambda: widget.process.failure is not None, timeout=TIMEOUT_MS)
+    widget.controls.segment_button.click()
+    _wait_idle(qtbot, widget)
+    assert "mask: source" in viewer.layers
+    assert len(warnings) == 1 and "ended" in warnings[0] and "running in threads" in warnings[0]

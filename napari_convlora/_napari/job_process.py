@@ -168,6 +168,7 @@ class JobProcess:
         self._conn: Connection | None = None
         self._lock = threading.Lock()
         self._ready = threading.Event()
+        self._closing = False
         self._ids = itertools.count(1)
         self._inboxes: dict[int, queue.Queue] = {}
 
@@ -215,6 +216,7 @@ class JobProcess:
 
     def close(self, wait_s: float = EXIT_WAIT_S) -> None:
         """Ask the child to exit (its jobs stop within one step), then make sure it has."""
+        self._closing = True
         self._ready.wait(START_TIMEOUT_S + 5)
         if self._conn is not None and self.alive:
             try:
@@ -246,6 +248,8 @@ class JobProcess:
                 inbox.put((what, payload))
         code = self._proc.poll() if self._proc is not None else None
         lost = RuntimeError(f"the worker process ended (exit code {code})")
+        if not self._closing:  # later jobs run in threads, and the widget says why
+            self.failure = str(lost)
         for inbox in list(self._inboxes.values()):
             inbox.put(("error", lost))
 
