@@ -217,3 +217,23 @@ def test_batch_with_a_local_cluster_and_bad_arguments(tmp_path, small_path, mode
     monkeypatch.setattr("napari_convlora.batch.CONNECT_TIMEOUT", "2s")
     assert main(["batch", str(scans), "-o", str(tmp_path / "o2"), "--scheduler", "tcp://127.0.0.1:9"]) == 2
     assert "cannot reach the dask scheduler" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("adapter", ["adapt", "auto", "none"])
+def test_one_scan_with_each_adapter_choice(tmp_path, small_path, model_file, monkeypatch, adapter):
+    """A task as a worker runs it (no cluster): adapt keeps an accepted adapter, auto names its pick."""
+    from napari_convlora.batch import Scan, process_scan
+
+    monkeypatch.setenv("CONVLORA_HOME", str(tmp_path / "home"))
+    scan = Scan(str(small_path), str(tmp_path / "m.nii.gz"), None, adapter)
+    row = process_scan(scan, str(model_file), "cpu", 1, str(tmp_path / "adapters"))
+    assert row["status"] == "ok", row["error"]
+    assert load_mask(tmp_path / "m.nii.gz").data.shape == load_volume(small_path).data.shape
+    if adapter == "adapt":  # the tiny random model's gate may go either way; both are answers
+        kept = row["adapter"] != "none (adaptation refused by the gate)"
+        assert kept == (tmp_path / "adapters" / "head4mm.safetensors").is_file()
+    elif adapter == "auto":
+        assert row["adapter"].startswith("auto: ")  # the built-ins are for the shipped model: skipped here
+    bad = Scan(str(small_path), str(tmp_path / "n.nii.gz"), None, "no-such-adapter")
+    row = process_scan(bad, str(model_file), "cpu", 1, str(tmp_path / "adapters"))
+    assert row["status"] == "error" and "no-such-adapter" in row["error"] and not (tmp_path / "n.nii.gz").exists()
