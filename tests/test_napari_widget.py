@@ -446,3 +446,27 @@ def test_a_worker_process_that_dies_is_reported_and_jobs_go_on_in_threads(proces
     _wait_idle(qtbot, widget)
     assert "mask: source" in viewer.layers
     assert len(warnings) == 1 and "ended" in warnings[0] and "running in threads" in warnings[0]
+
+
+def test_a_result_refreshes_the_widgets_own_layer_but_never_one_the_user_changed(viewer_widget, qtbot):
+    viewer, widget = viewer_widget
+    widget.controls.segment_button.click()
+    _wait_idle(qtbot, widget)
+    layer = viewer.layers["mask: source"]
+    names = [x.name for x in viewer.layers]
+    first = np.array(layer.data)
+    widget.controls.segment_button.click()  # the same result again: the same layer, refreshed
+    _wait_idle(qtbot, widget)
+    # (the test's viewer hands out proxies of layers: the same layer is the same unique_id)
+    assert [x.name for x in viewer.layers] == names and viewer.layers["mask: source"].unique_id == layer.unique_id
+    np.testing.assert_array_equal(layer.data, first)
+    painted = np.array(layer.data)
+    painted[0, 0, 0] = 1 - painted[0, 0, 0]
+    layer.data = painted  # the user corrects the mask
+    widget.controls.segment_button.click()
+    _wait_idle(qtbot, widget)
+    assert viewer.layers["mask: source"].unique_id == layer.unique_id  # untouched, edit kept ...
+    np.testing.assert_array_equal(layer.data, painted)
+    fresh = [x for x in viewer.layers if x.name.startswith("mask: source") and x.unique_id != layer.unique_id]
+    assert len(fresh) == 1  # ... and the new result went into a new layer
+    np.testing.assert_array_equal(fresh[0].data, first)

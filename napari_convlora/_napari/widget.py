@@ -4,9 +4,11 @@ The widget gathers the choices made in :class:`.controls.Controls`, copies the
 layer data, runs jobs (:mod:`.jobs`) in its worker process (:mod:`.job_process`,
 relayed by napari thread workers; in the threads themselves if the process
 cannot start) and turns their reports into a progress bar, plots, a table and
-new layers. It never writes
-into an existing layer: every result is a new layer, added only when its job
-has finished, so a cancel or an error leaves the viewer as it was.
+layers. It never writes into a layer the user made or changed: a result goes
+into a new layer, or refreshes this widget's own layer of the same name if that
+still holds exactly what the widget put there (cheaper for napari than a new
+one). Results land only when their job has finished, so a cancel or an error
+leaves the viewer as it was.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ class ConvLoRAWidget(QWidget):
             self.process.start()  # torch loads there while the user opens a scan
         self._told_fallback = False
         self._warmed = False
+        # what this widget last put in each of its Labels layers (by napari's unique_id: plugins get proxies of
+        # layers, so the objects themselves cannot be keys): a layer still holding it is refreshed in place
+        self._written: dict[object, tuple[str, np.ndarray]] = {}
         self.viewer = napari_viewer
         self.model_path: Path | None = Path(model_path) if model_path is not None else None
         self.jobs: dict[str, Job] = {}
@@ -128,6 +133,9 @@ class ConvLoRAWidget(QWidget):
     # ---------------------------------------------------------------- choices
     def _refresh_layers(self, event=None) -> None:
         layers = list(self.viewer.layers)
+        present = {layer.unique_id for layer in layers}
+        for gone in [key for key in self._written if key not in present]:  # removed layers: forget their copies
+            del self._written[gone]
         labels = [layer.name for layer in layers if isinstance(layer, Labels)]
         self.controls.show_layers(
             [layer.name for layer in layers if isinstance(layer, Image)],
@@ -350,13 +358,13 @@ class ConvLoRAWidget(QWidget):
         self._add_mask(result, target, after_adapt)
 
     def _add_mask(self, result: jobs.SegmentResult, target: dict, after_adapt: bool) -> None:
-        """The mask as a new Labels layer on the image's grid; then metrics, if a ground truth is chosen."""
+        """The mask as a Labels layer on the image's grid (:meth:`_put_labels`); then metrics, with a ground truth."""
         c = self.controls
         seg = result.segmentation
         kwargs = dict(target["kwargs"])
         made = {"image": target["image"], "adapter": result.label, "seconds": round(seg.seconds, 2)}
         kwargs["metadata"] = {**kwargs["metadata"], MADE_BY_KEY: made}
-        layer = self.viewer.add_labels(seg.mask, name=f"mask: {result.label}", opacity=0.45, **kwargs)
+        layer = self._put_labels(seg.mask, f"mask: {result.label}", target["image"], opacity=0.45, **kwargs)
         elapsed = time.perf_counter() - self._clicked.pop("adapt" if after_adapt else "segment", time.perf_counter())
         self.timings["adapt" if after_adapt else "segment"] = elapsed
         clicked = "Adapt" if after_adapt else "Segment"  # click-to-mask of Adapt counts from the Adapt click
@@ -369,6 +377,30 @@ class ConvLoRAWidget(QWidget):
             self.evaluate(errors_for=(layer.name,) if c.errors_check.isChecked() else ())
         elif c.errors_check.isChecked():
             show_warning("napari-convlora: no ground truth chosen, so no surface errors layer was made")
+
+    def _put_labels(self, data: np.ndarray, name: str, image: str, **kwargs) -> Labels:
+        """A Labels layer ``name`` showing ``data``: a new one, or this widget's own layer of that name, refreshed.
+
+        Refreshing costs napari ~10 ms where a new layer costs ~100 ms plus its first
+        paint (measured, scripts/bench_gui.py). Only a layer this widget made for the
+        same image, on the same grid, and still holding exactly what the widget put in
+        it is refreshed: a layer the user painted on or renamed is never written into.
+        """
+        layer = self.viewer.layers[name] if name in self.viewer.layers else None
+        written = self._written.get(layer.unique_id) if isinstance(layer, Labels) else None
+        if (
+            written is not None
+            and written[0] == image
+            and layer.data.shape == data.shape
+            and all(np.allclose(getattr(layer, key), kwargs[key]) for key in ("scale", "translate") if key in kwargs)
+            and np.array_equal(layer.data, written[1])
+        ):
+            layer.metadata = kwargs.get("metadata", layer.metadata)
+            layer.data = data
+        else:
+            layer = self.viewer.add_labels(data, name=name, **kwargs)
+        self._written[layer.unique_id] = (image, np.array(data, copy=True))
+        return layer
 
     # ---------------------------------------------------------------- adapt
     def adapt_or_cancel(self) -> None:
@@ -580,7 +612,7 @@ class ConvLoRAWidget(QWidget):
         for name, error_map in result.errors.items():
             made = {"surface_errors_of": name, "tolerance_mm": result.tolerance_mm}
             meta = {**kwargs["metadata"], MADE_BY_KEY: made}
-            self.viewer.add_labels(error_map, name=f"surface errors: {name}", **{**kwargs, "metadata": meta})
+            self._put_labels(error_map, f"surface errors: {name}", gt_name, **{**kwargs, "metadata": meta})
 
     def export_csv(self, path: str | Path) -> Path | None:
         """Write the metrics table to ``path`` (atomically; replaces the file, as the save dialog confirmed)."""
