@@ -210,7 +210,7 @@ def main() -> None:
 
     viewer, widget = open_viewer(sample=True, model=args.model)
     if widget.process is not None and not widget.process.wait_ready():
-        raise SystemExit(f"the worker process did not start: {widget.process.failure}")
+        raise SystemExit(f"no worker process: {widget.process.failure}")
     viewer.window._qt_window.resize(1500, 1000)
     widget.controls.errors_check.setChecked(True)
     widget.controls.name_edit.setText("philips-3t-sim")

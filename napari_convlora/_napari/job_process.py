@@ -197,8 +197,8 @@ class JobProcess:
                 raise RuntimeError(f"unexpected greeting {greeting!r}")
             self.pid = int(greeting[1])
         except Exception as exc:  # noqa: BLE001 - any failure to start means the thread path; the widget says so
-            self.failure = f"{type(exc).__name__}: {exc}"
-            log.warning("napari-convlora: the worker process did not start (%s); jobs run in threads", self.failure)
+            self.failure = f"it did not start: {type(exc).__name__}: {exc}"
+            log.warning("napari-convlora: no worker process (%s); jobs run in threads", self.failure)
             self._kill()
         else:
             threading.Thread(target=self._dispatch, name="convlora-process-reader", daemon=True).start()
@@ -249,7 +249,7 @@ class JobProcess:
         code = self._proc.poll() if self._proc is not None else None
         lost = RuntimeError(f"the worker process ended (exit code {code})")
         if not self._closing:  # later jobs run in threads, and the widget says why
-            self.failure = str(lost)
+            self.failure = f"it ended (exit code {code})"
         for inbox in list(self._inboxes.values()):
             inbox.put(("error", lost))
 

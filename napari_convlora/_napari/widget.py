@@ -643,7 +643,7 @@ class ConvLoRAWidget(QWidget):
         if self.process is not None and self.process.failure and not self._told_fallback:
             self._told_fallback = True
             show_warning(
-                f"napari-convlora: the worker process did not start ({self.process.failure}); "
+                f"napari-convlora: no worker process ({self.process.failure}); "
                 "running in threads of the viewer instead, which may pause it during runs"
             )
 
