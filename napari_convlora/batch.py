@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .errors import InputError
-from .nifti import NIFTI_SUFFIXES
+from .nifti import NIFTI_SUFFIXES, nifti_stem
 
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
@@ -39,8 +39,9 @@ COLUMNS = (
 
 @dataclass(frozen=True)
 class Scan:
-    """One input of the cohort: where its mask goes, its ground truth if any, its adapter choice."""
+    """One input of the cohort: its unique name, where its mask goes, its ground truth if any, its adapter choice."""
 
+    name: str  # from its path below the inputs' common folder: names its mask and, with --adapter adapt, its adapter
     input: str
     output: str
     gt: str | None
@@ -51,21 +52,13 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def _mask_name(path: Path, base: Path) -> str:
+def _scan_name(path: Path, base: Path) -> str:
     """The scan's path below the inputs' common folder, "/" as "_", without its suffix: unique, and readable.
 
     A flat folder gives the file's own stem (``sub-01_T1w``); ``heads/*/t1.nii.gz`` gives ``colin27_t1``.
     """
     relative = path.resolve().relative_to(base)
-    return "_".join([*relative.parent.parts, _stem(relative)])
+    return "_".join([*relative.parent.parts, nifti_stem(relative)])
 
 
 def _csv_rows(path: Path) -> list[tuple[Path, Path | None, str | None]]:
@@ -126,11 +119,12 @@ def plan_scans(
     for path, gt, own_adapter in entries:
         if gt is None and gt_dir is not None and (gt_dir / path.name).is_file():
             gt = gt_dir / path.name
-        output = outdir / f"{_mask_name(path, base)}_mask.nii.gz"
+        name = _scan_name(path, base)
+        output = outdir / f"{name}_mask.nii.gz"
         if output in owners:
             raise InputError(f"{path}: its mask would have the same name, {output.name}, as that of {owners[output]}")
         owners[output] = path
-        scans.append(Scan(str(path), str(output), str(gt) if gt else None, own_adapter or adapter))
+        scans.append(Scan(name, str(path), str(output), str(gt) if gt else None, own_adapter or adapter))
     return scans
 
 
@@ -164,9 +158,9 @@ def _segment(scan: Scan, model_path: str | None, device: str, adapters_dir: str)
     volume = load_volume(scan.input)
     base = _model(model_path)
     if scan.adapter == "adapt":
-        done = run_adaptation(base, volume, AdaptConfig(device=device), name=_stem(Path(scan.input)))
+        done = run_adaptation(base, volume, AdaptConfig(device=device), name=scan.name)
         if done.accepted and done.segmentation is not None:
-            path = Path(adapters_dir) / f"{_stem(Path(scan.input))}.safetensors"
+            path = Path(adapters_dir) / f"{scan.name}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_adapter(done.adapter, path, overwrite=True)  # a rerun of a scan that died after this line
             return volume, done.segmentation, str(path)

@@ -397,11 +397,11 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
     from .adapters import DEFAULT_EXPERTS, save_adapter
     from .files import check_output_path
     from .library import ADAPTER_SUFFIX, check_name, user_adapter_path
-    from .nifti import load_volume
+    from .nifti import load_volume, nifti_stem
 
     if args.experts is not None and args.kind != "moe":
         raise InputError("--experts applies to --kind moe only")
-    name = check_name(args.name or _stem(args.input))
+    name = check_name(args.name or nifti_stem(args.input))
     output = args.output or user_adapter_path(name, args.overwrite, "choose another --name or pass --overwrite")
     check_output_path(output, overwrite=args.overwrite, suffixes=(ADAPTER_SUFFIX,))
     config = AdaptConfig(
@@ -467,14 +467,6 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
         "best_epoch": done.best_epoch,
         "agreements": [round(a, 5) for a in done.agreements],
     }
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def _progress_bar(desc: str = "adapting"):

@@ -25,6 +25,15 @@ from .files import atomic_write, check_output_path
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
+def nifti_stem(path: str | os.PathLike) -> str:
+    """The file name without ``.nii`` or ``.nii.gz``: the name of what is made from a scan (adapter, mask)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
 @dataclass
 class Volume:
     """A 3D scalar volume as stored on disk: data in file order, affine and header."""

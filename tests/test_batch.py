@@ -225,7 +225,7 @@ def test_one_scan_with_each_adapter_choice(tmp_path, small_path, model_file, mon
     from napari_convlora.batch import Scan, process_scan
 
     monkeypatch.setenv("CONVLORA_HOME", str(tmp_path / "home"))
-    scan = Scan(str(small_path), str(tmp_path / "m.nii.gz"), None, adapter)
+    scan = Scan("head4mm", str(small_path), str(tmp_path / "m.nii.gz"), None, adapter)
     row = process_scan(scan, str(model_file), "cpu", 1, str(tmp_path / "adapters"))
     assert row["status"] == "ok", row["error"]
     assert load_mask(tmp_path / "m.nii.gz").data.shape == load_volume(small_path).data.shape
@@ -234,6 +234,6 @@ def test_one_scan_with_each_adapter_choice(tmp_path, small_path, model_file, mon
         assert kept == (tmp_path / "adapters" / "head4mm.safetensors").is_file()
     elif adapter == "auto":
         assert row["adapter"].startswith("auto: ")  # the built-ins are for the shipped model: skipped here
-    bad = Scan(str(small_path), str(tmp_path / "n.nii.gz"), None, "no-such-adapter")
+    bad = Scan("head4mm", str(small_path), str(tmp_path / "n.nii.gz"), None, "no-such-adapter")
     row = process_scan(bad, str(model_file), "cpu", 1, str(tmp_path / "adapters"))
     assert row["status"] == "error" and "no-such-adapter" in row["error"] and not (tmp_path / "n.nii.gz").exists()
