@@ -140,7 +140,7 @@ def segment_job(
         )
         if checked is None or stop.is_set():
             return None
-        return SegmentResult(checked.segmentation, checked.label, checked.note)
+        return SegmentResult(_own_mask(checked.segmentation), checked.label, checked.note)  # may be the kept one
     adapter, label, note = resolve_for_widget(spec)
     if adapter is None and source is not None:  # the same scan, model and device: the same mask, already made
         return SegmentResult(_own_mask(source), label, note)
