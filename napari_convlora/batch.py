@@ -19,7 +19,7 @@ import glob
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -289,7 +289,6 @@ def run_batch(
     model_path: str | None = None,
     device: str = "cpu",
     threads: int = 1,
-    on_row: Callable[[dict], None] | None = None,
 ) -> Iterator[dict]:
     """Submit every scan not done yet; yield each row as it finishes (after appending it to the table)."""
     from distributed import as_completed
@@ -312,6 +311,4 @@ def run_batch(
             row = {**asdict(scan), "status": "error", "error": f"{scan.input}: dask: {type(exc).__name__}: {exc}"}
             row["gt"] = scan.gt or ""
         table.append(row)
-        if on_row is not None:
-            on_row(row)
         yield row
