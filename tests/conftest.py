@@ -79,3 +79,13 @@ def gate_open(monkeypatch):
     import napari_convlora.adapt as adapt_module
 
     monkeypatch.setattr(adapt_module, "accepted", lambda *args: True)
+
+
+def drive(generator) -> tuple[list, object]:
+    """Run a report generator of the core or the widget's jobs to its end: (its reports, its return value)."""
+    reports = []
+    while True:
+        try:
+            reports.append(next(generator))
+        except StopIteration as stop:
+            return reports, stop.value

@@ -15,7 +15,7 @@ from napari_convlora.errors import InputError
 from napari_convlora.geometry import plan
 from napari_convlora.selection import GATE_MARGIN, consistency
 
-from .conftest import make_model
+from .conftest import drive, make_model
 
 
 def _images(volume, n, scaling="tissue"):
@@ -106,15 +106,6 @@ def test_consistency_criterion_is_the_gates_score_and_the_source_keeps_the_margi
     assert choose_adapter(base, small_volume, [mine], device="cpu", slices=4, criterion="consistency").label == SOURCE
 
 
-def _drive(generator):
-    reports = []
-    while True:
-        try:
-            reports.append(next(generator))
-        except StopIteration as stop:
-            return reports, stop.value
-
-
 @pytest.mark.parametrize("adapter_sure", [True, False])
 def test_a_pick_is_kept_only_if_its_mask_is_more_confident(monkeypatch, small_volume, adapter_sure):
     torch.set_num_threads(1)
@@ -128,7 +119,7 @@ def test_a_pick_is_kept_only_if_its_mask_is_more_confident(monkeypatch, small_vo
         return 0.9 if (len(calls) == 1) == adapter_sure else 0.8
 
     monkeypatch.setattr(choose, "mask_confidence", confidence)
-    reports, checked = _drive(choose.iter_segment_checked(base, small_volume, choice, device="cpu"))
+    reports, checked = drive(choose.iter_segment_checked(base, small_volume, choice, device="cpu"))
     assert [r.done for r in reports] == sorted(r.done for r in reports) and reports[-1].done == reports[-1].total
     if adapter_sure:
         assert checked.label == "mine" and checked.segmentation.adapter == "mine" and "check passed" in checked.note
@@ -142,9 +133,9 @@ def test_a_source_pick_is_segmented_once_and_a_stop_returns_nothing(small_volume
     torch.set_num_threads(1)
     base = make_model()
     choice = choose.AutoChoice(None, SOURCE, {SOURCE: 1.0}, criterion="stats")
-    reports, checked = _drive(choose.iter_segment_checked(base, small_volume, choice, device="cpu"))
+    reports, checked = drive(choose.iter_segment_checked(base, small_volume, choice, device="cpu"))
     plain = [r for r in choose.iter_segment(base, small_volume, None, device="cpu") if hasattr(r, "total")]
     assert reports[-1].total == plain[-1].total  # one segmentation, no check needed
     assert checked.label == SOURCE and checked.note == choice.reason
-    stopped = _drive(choose.iter_segment_checked(base, small_volume, choice, device="cpu", should_stop=lambda: True))
+    stopped = drive(choose.iter_segment_checked(base, small_volume, choice, device="cpu", should_stop=lambda: True))
     assert stopped[1] is None

@@ -13,6 +13,8 @@ from napari_convlora._napari import jobs
 from napari_convlora.adapt import AdaptConfig
 from napari_convlora.errors import InputError
 
+from .conftest import drive
+
 
 def test_describe_error():
     assert jobs.describe_error(InputError("scan.nii: no such file")) == "scan.nii: no such file"
@@ -44,15 +46,6 @@ def test_adapt_job_stopped_before_it_starts_writes_nothing(tmp_path, monkeypatch
     assert not (tmp_path / "adapters").exists()
 
 
-def _run(job):
-    reports = []
-    while True:
-        try:
-            reports.append(next(job))
-        except StopIteration as end:
-            return reports, end.value
-
-
 def test_a_source_segmentation_is_made_once_for_segment_and_the_gate(tmp_path, monkeypatch, model_file, small_volume):
     """Segment, then Segment again, then Adapt: the scan is segmented by the source model only the first time."""
     import numpy as np
@@ -64,21 +57,25 @@ def test_a_source_segmentation_is_made_once_for_segment_and_the_gate(tmp_path, m
 
     monkeypatch.setenv("CONVLORA_HOME", str(tmp_path))
     jobs._SOURCE.clear()
-    first_reports, first = _run(jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event()))
+    first_reports, first = drive(
+        jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event())
+    )
     one_run = first_reports[-1].total
     assert all(isinstance(r, SegmentProgress) for r in first_reports) and one_run > 0
-    again_reports, again = _run(jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event()))
+    again_reports, again = drive(
+        jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event())
+    )
     assert again_reports == []  # nothing recomputed
     np.testing.assert_array_equal(again.segmentation.mask, first.segmentation.mask)
     first.segmentation.mask[:] = 1  # the user paints on the first layer: what is kept does not change
-    _, third = _run(jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event()))
+    _, third = drive(jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event()))
     np.testing.assert_array_equal(third.segmentation.mask, again.segmentation.mask)
     # another scan (one voxel changed) is not confused with it
     other = type(small_volume)(small_volume.data.copy(), small_volume.affine, small_volume.header)
     other.data[0, 0, 0] += 1.0
     assert jobs.known_source(model_file, other, "cpu") is None
     config = AdaptConfig(slices=2, epochs=1, device="cpu")
-    reports, result = _run(jobs.adapt_job(model_file, small_volume, config, "reuse", threading.Event()))
+    reports, result = drive(jobs.adapt_job(model_file, small_volume, config, "reuse", threading.Event()))
     gate = [r for r in reports if isinstance(r, GateProgress)]
     assert gate and gate[-1].total == one_run  # only the adapter's run: the source model's was reused
     expected = segment(load_model(model_file), small_volume, device="cpu")
