@@ -223,7 +223,7 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
             labels = torch.from_numpy((logits > 0)[:, None].astype(np.float32)).to(device)
             epochs, lr = config.epochs, config.lr
         else:
-            truth = geometry.to_model(geometry.to_ras(mask.data).astype(np.float32), order=1) > 0.5
+            truth = geometry.to_model(geometry.to_ras(mask.data).astype(np.float32)) > 0.5
             labels = torch.from_numpy(truth[indices][:, None].astype(np.float32)).to(device)
             reestimate_bn(unet, images)
             epochs, lr = ORACLE_EPOCH_FACTOR * config.epochs, config.lr

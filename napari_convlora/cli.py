@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .adapters import ADAPTER_KINDS
     from .device import DEVICE_CHOICES
     from .geometry import INTENSITY_SCALINGS
+    from .inference import PRECISIONS
     from .objectives import OBJECTIVES
     from .selection import DEFAULT_GATE, GATES
 
@@ -84,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--single-pass",
         action="store_true",
         help="one pass over the whole head instead of a coarse pass that finds the brain, then a pass on it",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="what the network computes in; auto: bfloat16 on a CPU that has it natively (about 2x faster), "
+        "else float32",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -302,7 +310,12 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         raise InputError(f"{args.output}: the output would overwrite the input")
     volume = load_volume(args.input)
     base = _load_base(args.model)
-    options = {"device": args.device, "cleanup": not args.no_cleanup, "two_pass": not args.single_pass}
+    options = {
+        "device": args.device,
+        "cleanup": not args.no_cleanup,
+        "two_pass": not args.single_pass,
+        "precision": args.precision,
+    }
     auto = checked = None
     if args.adapter == "auto":
         auto = choose_adapter(base, volume, [path for _, _, path in library_files()], device=args.device)

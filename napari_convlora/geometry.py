@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from nibabel import orientations
 from scipy import ndimage
 from skimage.filters import threshold_otsu
-from skimage.transform import resize
 
 from .nifti import Volume
 
@@ -59,13 +60,13 @@ class SliceGeometry:
     def n_slices(self) -> int:
         return self.x_range[1] - self.x_range[0]
 
-    def to_model(self, ras: np.ndarray, order: int = 1, x_step: int = 1) -> np.ndarray:
+    def to_model(self, ras: np.ndarray, x_step: int = 1) -> np.ndarray:
         """A RAS volume (``ras_shape``) to the (n_slices, H, W) float32 stack the model reads.
 
         ``x_step`` > 1: every ``x_step``-th slice of that stack only (what a coarse pass reads).
         """
         x0, x1 = self.x_range
-        plane = _resize_plane(ras[x0:x1:x_step].astype(np.float32, copy=False), self.plane_shape, order)
+        plane = _resize_plane(ras[x0:x1:x_step].astype(np.float32, copy=False), self.plane_shape)
         y0, y1, z0, z1 = self.crop
         out = np.zeros((len(plane), y1 - y0, z1 - z0), dtype=np.float32)
         sy0, sz0 = max(y0, 0), max(z0, 0)
@@ -82,7 +83,7 @@ class SliceGeometry:
         sy1, sz1 = min(y1, self.plane_shape[0]), min(z1, self.plane_shape[1])
         plane[:, sy0:sy1, sz0:sz1] = stack[:, sy0 - y0 : sy1 - y0, sz0 - z0 : sz1 - z0]
         ras = np.zeros(self.ras_shape, dtype=np.float32)
-        ras[x0:x1] = _resize_plane(plane, self.ras_shape[1:], order=1)
+        ras[x0:x1] = _resize_plane(plane, self.ras_shape[1:])
         return self.from_ras(ras)
 
     def to_ras(self, disk: np.ndarray) -> np.ndarray:
@@ -125,17 +126,22 @@ class SliceGeometry:
         return int(np.clip(x - self.x_range[0], 0, self.n_slices - 1))
 
 
-def _resize_plane(stack: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
+def _resize_plane(stack: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear in-plane resize of a (N, H, W) stack, as skimage's ``resize(order=1, mode="edge",
+    anti_aliasing=...)`` does it (tested equal), about ten times faster.
+
+    skimage's anti-aliasing is a Gaussian of sigma (factor - 1) / 2 per shrunk
+    axis, kept here as it is (a sigma under 1/8 is a one-tap kernel there, so
+    it is skipped); the interpolation is torch's, which uses every core.
+    """
     if tuple(stack.shape[1:]) == tuple(shape):
         return stack
-    return resize(
-        stack,
-        (stack.shape[0], *shape),
-        order=order,
-        mode="edge",
-        anti_aliasing=order > 0 and any(n < m for n, m in zip(shape, stack.shape[1:], strict=True)),
-        preserve_range=True,
-    ).astype(np.float32)
+    sigma = [0.0] + [max((n / m - 1) / 2, 0.0) for n, m in zip(stack.shape[1:], shape, strict=True)]
+    sigma = [s if int(4.0 * s + 0.5) > 0 else 0.0 for s in sigma]  # scipy's kernel radius at truncate=4
+    if any(sigma):
+        stack = ndimage.gaussian_filter(stack, sigma, mode="nearest")
+    x = torch.from_numpy(np.ascontiguousarray(stack, dtype=np.float32))[:, None]
+    return F.interpolate(x, size=tuple(shape), mode="bilinear", align_corners=False)[:, 0].numpy()
 
 
 def scale_intensity(ras: np.ndarray, scaling: str = LEGACY_SCALING) -> np.ndarray:

@@ -18,12 +18,14 @@ from scipy.special import expit
 
 from .adapters import Adapter, apply_adapter
 from .device import pick_device
+from .errors import InputError
 from .geometry import SliceGeometry, plan
 from .model import BaseModel, UNet2D
 from .nifti import Volume
 
 COARSE_X_STEP = 3  # the first pass of two reads every third sagittal slice
 BRAIN_MARGIN_MM = 12.0  # around the brain the first pass found
+PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -48,14 +50,50 @@ class Segmentation:
         return float(np.count_nonzero(self.mask)) * self.voxel_volume_ml
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Slices per forward pass: 4 on a CPU, where a small batch stays in cache (measured faster), else 16."""
+    return 4 if device.type == "cpu" else 16
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's check: AVX512-BF16 or AMX); emulated bf16 is slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype the network computes in for inference.
+
+    ``auto`` is bfloat16 on a CPU that computes it natively (about twice as fast
+    as float32 there; masks measured in BENCHMARKS.md section 4) and float32
+    everywhere else; ``float32`` / ``bfloat16`` force one. Training and
+    adaptation always run in float32.
+    """
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "float32":
+        return torch.float32
+    if precision == "bfloat16":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cpu" and bf16_supported() else torch.float32
+
+
 def predict_logits(
-    unet: UNet2D, stack: np.ndarray, device: torch.device, batch_size: int = 16
+    unet: UNet2D,
+    stack: np.ndarray,
+    device: torch.device,
+    batch_size: int | None = None,
+    precision: str = "auto",
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (start index, logits) for consecutive batches of a (N, H, W) slice stack."""
+    """Yield (start index, float32 logits) for consecutive batches of a (N, H, W) slice stack."""
     unet = unet.to(device).eval()
+    batch_size = batch_size or default_batch_size(device)
+    dtype = inference_dtype(device, precision)
     if device.type == "cpu":
         unet = unet.to(memory_format=torch.channels_last)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         for start in range(0, len(stack), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(stack[start : start + batch_size, None])).to(device)
             if device.type == "cpu":
@@ -131,9 +169,10 @@ def iter_segment(
     volume: Volume,
     adapter: Adapter | None = None,
     device: str = "auto",
-    batch_size: int = 16,
+    batch_size: int | None = None,
     cleanup: bool = True,
     two_pass: bool = True,
+    precision: str = "auto",
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[SegmentProgress | Segmentation | None]:
     """Yield :class:`SegmentProgress` per batch, then the :class:`Segmentation` (or None if stopped).
@@ -145,13 +184,14 @@ def iter_segment(
     """
     start = time.perf_counter()
     torch_device = pick_device(device)
+    inference_dtype(torch_device, precision)  # a bad name fails before any work
     unet = apply_adapter(base, adapter)  # a copy: the base model is never touched
     geometry, scaled = plan(volume, base.intensity_scaling)
     count = _Count(total=geometry.n_slices, start=start)
     if two_pass:
         coarse = geometry.to_model(scaled, x_step=COARSE_X_STEP)
         count.total += len(coarse)
-        logits = yield from _predict(unet, coarse, torch_device, batch_size, count, should_stop)
+        logits = yield from _predict(unet, coarse, torch_device, batch_size, precision, count, should_stop)
         if logits is None:
             yield None
             return
@@ -160,7 +200,7 @@ def iter_segment(
             geometry = geometry.restricted(box)
             count.total = count.done + geometry.n_slices
     stack = geometry.to_model(scaled)
-    logits = yield from _predict(unet, stack, torch_device, batch_size, count, should_stop)
+    logits = yield from _predict(unet, stack, torch_device, batch_size, precision, count, should_stop)
     if logits is None:
         yield None
         return
@@ -178,13 +218,14 @@ def _predict(
     unet: UNet2D,
     stack: np.ndarray,
     device: torch.device,
-    batch_size: int,
+    batch_size: int | None,
+    precision: str,
     count: _Count,
     should_stop: Callable[[], bool] | None,
 ) -> Generator[SegmentProgress, None, np.ndarray | None]:
     """Logits of ``stack``, yielding progress per batch; None if ``should_stop`` said so."""
     logits = np.empty_like(stack)
-    for first, batch in predict_logits(unet, stack, device, batch_size):
+    for first, batch in predict_logits(unet, stack, device, batch_size, precision):
         logits[first : first + len(batch)] = batch
         count.done += len(batch)
         yield SegmentProgress(count.done, count.total, time.perf_counter() - count.start)

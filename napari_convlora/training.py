@@ -91,7 +91,7 @@ def load_heads(pairs: Sequence[tuple[Path, Path]], intensity_scaling: str = "tis
             raise InputError(f"{mask_path}: not on the voxel grid of {t1_path}")
         geometry, scaled = plan(volume, intensity_scaling)
         images = geometry.to_model(scaled)
-        masks = geometry.to_model(geometry.to_ras(mask.data).astype(np.float32), order=1) > 0.5
+        masks = geometry.to_model(geometry.to_ras(mask.data).astype(np.float32)) > 0.5
         heads.append(Head(images, masks.astype(np.float32), intensity_scaling))
     return heads
 

@@ -2,7 +2,8 @@
 
 Usage:
     python scripts/bench_heads.py --heads heads --eval MODEL HEAD [HEAD ...] [--eval MODEL HEAD ...]
-                                  [--variants full single-pass no-cleanup] [-o results.json]
+                                  [--variants full single-pass no-cleanup] [--precisions float32 bfloat16]
+                                  [-o results.json]
 
 ``heads`` is the folder ``scripts/prepare_heads.py`` writes; every HEAD is a
 folder of it (``t1.nii.gz`` scored against ``mask_consensus.nii.gz``), and its
@@ -10,6 +11,9 @@ folder of it (``t1.nii.gz`` scored against ``mask_consensus.nii.gz``), and its
 the peers. Variants: ``full`` (two passes, clean-up: what ``convlora segment``
 does), ``single-pass`` (one pass over the whole head, clean-up), ``no-cleanup``
 (two passes, the thresholded probability as it is), ``bare`` (neither).
+Each variant runs in every one of ``--precisions`` (what the network computes
+in; ``auto`` as ``convlora segment`` picks it); a row after the first precision
+also counts the voxels where its mask differs from the first one's.
 Prints one line per (model, head, variant) and a Markdown table at the end.
 """
 
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_convlora.inference import segment
+from napari_convlora.inference import PRECISIONS, segment
 from napari_convlora.metrics import evaluate
 from napari_convlora.model import load_model
 from napari_convlora.nifti import load_mask, load_volume
@@ -45,6 +49,7 @@ def main() -> int:
     parser.add_argument("--heads", type=Path, required=True)
     parser.add_argument("--eval", nargs="+", action="append", required=True, metavar="MODEL HEAD")
     parser.add_argument("--variants", nargs="+", default=["full"], choices=list(VARIANTS))
+    parser.add_argument("--precisions", nargs="+", default=["auto"], choices=list(PRECISIONS))
     parser.add_argument("--no-peers", action="store_true", help="skip scoring deepbet / HD-BET")
     parser.add_argument("-o", "--output", type=Path)
     args = parser.parse_args()
@@ -55,16 +60,23 @@ def main() -> int:
             folder = args.heads / name
             volume, gt = load_volume(folder / "t1.nii.gz"), load_mask(folder / "mask_consensus.nii.gz")
             for variant in args.variants:
-                result = segment(model, volume, device="cpu", **VARIANTS[variant])
-                row = {
-                    "model": str(model_path),
-                    "head": name,
-                    "method": f"convlora ({variant})",
-                    "seconds": round(result.seconds, 1),
-                    **score(result.mask, gt),
-                }
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                first = None
+                for precision in args.precisions:
+                    result = segment(model, volume, device="cpu", precision=precision, **VARIANTS[variant])
+                    label = variant if len(args.precisions) == 1 else f"{variant}, {precision}"
+                    row = {
+                        "model": str(model_path),
+                        "head": name,
+                        "method": f"convlora ({label})",
+                        "seconds": round(result.seconds, 1),
+                        **score(result.mask, gt),
+                    }
+                    if first is None:
+                        first = result.mask
+                    else:
+                        row["voxels_differing_from_first"] = int(np.count_nonzero(result.mask != first))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
     if not args.no_peers:
         for name in sorted({n for _, *names in args.eval for n in names}):
             folder = args.heads / name

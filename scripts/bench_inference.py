@@ -2,7 +2,8 @@
 
 Usage: python scripts/bench_inference.py [--model resources/source_model.safetensors] [--volume ...] [--repeats 3]
                                          [--kinds convlora moe]
-Prints: per-slice inference time with and without channels_last, whole-volume `segment` time,
+Prints: per-slice inference time in float32 and bfloat16 at batch 16 and 4 (channels_last, as
+`segment` runs it), whole-volume `segment` time in float32 and as `segment` picks it (auto),
 and for each adapter kind the time of one default adaptation (10 slices x 5 epochs), then
 per-slice and whole-volume inference with that adapter as `segment` runs it (ConvLoRA merged,
 MoE unmerged: it cannot be merged).
@@ -21,26 +22,22 @@ import torch
 from napari_convlora.adapt import AdaptConfig, run_adaptation
 from napari_convlora.adapters import ADAPTER_KINDS, apply_adapter
 from napari_convlora.geometry import plan
-from napari_convlora.inference import segment
+from napari_convlora.inference import bf16_supported, predict_logits, segment
 from napari_convlora.model import load_model
 from napari_convlora.nifti import load_volume
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def per_slice_ms(unet: torch.nn.Module, stack: np.ndarray, channels_last: bool, batch: int = 16) -> float:
-    x = torch.from_numpy(np.ascontiguousarray(stack[:batch, None]))
-    model = unet.eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
-    else:
-        model = model.to(memory_format=torch.contiguous_format)
-    with torch.inference_mode():
-        model(x)  # warm-up
-        start = time.perf_counter()
-        model(x)
-    return (time.perf_counter() - start) / len(x) * 1000
+def per_slice_ms(unet: torch.nn.Module, stack: np.ndarray, batch: int, precision: str, n: int = 32) -> float:
+    """Milliseconds per slice of ``predict_logits`` (what ``segment`` runs: channels_last on the CPU)."""
+    part = stack[:n]
+    for _ in predict_logits(unet, part[:batch], torch.device("cpu"), batch, precision):  # warm-up
+        pass
+    start = time.perf_counter()
+    for _ in predict_logits(unet, part, torch.device("cpu"), batch, precision):
+        pass
+    return (time.perf_counter() - start) / len(part) * 1000
 
 
 def main() -> None:
@@ -58,11 +55,15 @@ def main() -> None:
         f"model width {width}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"volume {volume.data.shape} -> {stack.shape[0]} slices of {stack.shape[1]}x{stack.shape[2]}"
     )
-    for layout in (False, True):
-        ms = statistics.median(per_slice_ms(base.copy().unet, stack, layout) for _ in range(args.repeats))
-        print(f"  inference, batch 16, {'channels_last' if layout else 'contiguous  '}: {ms:6.1f} ms/slice")
-    seconds = statistics.median(segment(base, volume, device="cpu").seconds for _ in range(args.repeats))
-    print(f"  segment (whole volume, incl. resampling and clean-up): {seconds:.1f} s (median of {args.repeats})")
+    print(f"  this CPU computes bfloat16 natively: {bf16_supported()}")
+    for batch, precision in ((16, "float32"), (4, "float32"), (16, "bfloat16"), (4, "bfloat16")):
+        ms = statistics.median(per_slice_ms(base.unet, stack, batch, precision) for _ in range(args.repeats))
+        print(f"  inference, batch {batch:2d}, {precision:8s}, channels_last: {ms:6.1f} ms/slice")
+    for precision in ("float32", "auto"):
+        seconds = statistics.median(
+            segment(base, volume, device="cpu", precision=precision).seconds for _ in range(args.repeats)
+        )
+        print(f"  segment, precision {precision} (whole volume, incl. resampling and clean-up): {seconds:.1f} s")
     for kind in args.kinds:
         done = run_adaptation(base, volume, AdaptConfig(device="cpu", kind=kind))
         print(
@@ -70,11 +71,11 @@ def main() -> None:
             f"agreements {[round(a, 4) for a in done.agreements]}"
         )
         adapted = apply_adapter(base, done.adapter)
-        ms = statistics.median(per_slice_ms(adapted, stack, True) for _ in range(args.repeats))
+        ms = statistics.median(per_slice_ms(adapted, stack, 4, "auto") for _ in range(args.repeats))
         seconds = statistics.median(
             segment(base, volume, done.adapter, device="cpu").seconds for _ in range(args.repeats)
         )
-        print(f"  {kind}: with the adapter, batch 16, channels_last: {ms:6.1f} ms/slice; segment {seconds:.1f} s")
+        print(f"  {kind}: with the adapter, as segment runs it: {ms:6.1f} ms/slice; segment {seconds:.1f} s")
 
 
 if __name__ == "__main__":

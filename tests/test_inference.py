@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from napari_convlora.adapt import run_adaptation
 from napari_convlora.adapters import apply_adapter
+from napari_convlora.errors import InputError
 from napari_convlora.geometry import plan
 from napari_convlora.inference import (
     BRAIN_MARGIN_MM,
@@ -14,6 +16,7 @@ from napari_convlora.inference import (
     SegmentProgress,
     brain_box,
     clean_mask,
+    inference_dtype,
     iter_segment,
     segment,
 )
@@ -126,3 +129,16 @@ def test_restricted_geometry_reads_the_same_voxels(small_volume):
     back = inner.from_model(np.ones_like(part))
     ras = inner.to_ras(back)
     assert ras[: box[0][0]].sum() == 0 and ras[box[0][1] :].sum() == 0  # nothing outside the box's slices
+
+
+def test_precision_choices(monkeypatch):
+    cpu = torch.device("cpu")
+    assert inference_dtype(cpu, "float32") == torch.float32
+    assert inference_dtype(cpu, "bfloat16") == torch.bfloat16
+    assert inference_dtype(torch.device("cuda"), "auto") == torch.float32
+    monkeypatch.setattr("napari_convlora.inference.bf16_supported", lambda: False)
+    assert inference_dtype(cpu, "auto") == torch.float32  # emulated bf16 would be slower
+    monkeypatch.setattr("napari_convlora.inference.bf16_supported", lambda: True)
+    assert inference_dtype(cpu, "auto") == torch.bfloat16
+    with pytest.raises(InputError, match="unknown precision 'half'"):
+        inference_dtype(cpu, "half")

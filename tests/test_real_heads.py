@@ -51,3 +51,13 @@ def test_the_shipped_mask_stays_in_the_brain(shipped, name):
     assert below_mm < 10.0, f"{name}: the mask reaches {below_mm:.0f} mm below the brain"
     assert outside_ml < 5.0, f"{name}: {outside_ml:.1f} ml of mask lie more than 5 mm outside the brain"
     assert dice(truth, result.mask > 0) > 0.93
+
+
+def test_bfloat16_gives_the_float32_mask_to_within_a_few_voxels(shipped):
+    """``auto`` computes in bfloat16 on CPUs that have it; rounding may move the boundary a little, no more."""
+    t1, mask = HEADS["ds000031, 2x2x3 mm, neck to C3"]
+    volume, truth = load_volume(DATA / t1), load_mask(DATA / mask).data > 0
+    exact = segment(shipped, volume, device="cpu", precision="float32")
+    rounded = segment(shipped, volume, device="cpu", precision="bfloat16")
+    assert np.count_nonzero(exact.mask != rounded.mask) <= 0.005 * np.count_nonzero(exact.mask)
+    assert abs(dice(truth, exact.mask > 0) - dice(truth, rounded.mask > 0)) < 0.002
