@@ -20,7 +20,7 @@ from .adapters import Adapter, apply_adapter
 from .device import pick_device
 from .errors import InputError
 from .geometry import SliceGeometry, plan
-from .model import BaseModel, UNet2D
+from .model import BaseModel, UNet2D, fold_batch_norms
 from .nifti import Volume
 
 COARSE_X_STEP = 3  # the first pass of two reads every third sagittal slice
@@ -88,7 +88,7 @@ def predict_logits(
     precision: str = "auto",
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (start index, float32 logits) for consecutive batches of a (N, H, W) slice stack."""
-    unet = unet.to(device).eval()
+    unet = fold_batch_norms(unet).to(device)
     batch_size = batch_size or default_batch_size(device)
     dtype = inference_dtype(device, precision)
     if device.type == "cpu":

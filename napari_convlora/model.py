@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .errors import InputError
 from .files import atomic_write
@@ -114,6 +115,30 @@ class UNet2D(nn.Module):
     def encoder_modules(self) -> list[tuple[str, nn.Module]]:
         """(name, module) for every module of the encoder, names as in ``named_modules``."""
         return [(name, m) for name, m in self.named_modules() if name.split(".")[0] in ENCODER]
+
+
+def fold_batch_norms(unet: UNet2D) -> UNet2D:
+    """An eval copy of ``unet`` for inference, each BN that directly follows a conv folded into that conv.
+
+    Same function (up to float rounding; tested), 25 of the 56 BN passes fewer:
+    the second BN of every residual block and the output BN. A BN before a
+    conv (pre-activation) cannot be folded across its ReLU. A conv an adapter
+    wraps (unmerged) is left as it is. ``unet`` itself is not touched.
+    """
+    folded = copy.deepcopy(unet).eval()
+    for block in folded.modules():
+        if isinstance(block, ResBlock):
+            first, second = block.conv_path
+            _fold(first, 2, second, 0)
+    _fold(folded.out_path[-2], 2, folded.out_path, len(folded.out_path) - 1)
+    return folded
+
+
+def _fold(conv_parent: nn.Sequential, conv_index: int, bn_parent: nn.Sequential, bn_index: int) -> None:
+    conv, bn = conv_parent[conv_index], bn_parent[bn_index]
+    if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d:
+        conv_parent[conv_index] = fuse_conv_bn_eval(conv, bn)
+        bn_parent[bn_index] = nn.Identity()
 
 
 class EarlyHead(nn.Module):

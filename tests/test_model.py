@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from napari_convlora.errors import InputError
-from napari_convlora.model import build_model, count_parameters, load_model, save_model
+from napari_convlora.model import build_model, count_parameters, fold_batch_norms, load_model, save_model
 
 from .conftest import make_model
 
@@ -91,3 +91,25 @@ def test_refuses_pickles_garbage_and_foreign_tensors(tmp_path):
     save_file({"x": torch.zeros(1)}, str(newer), metadata={"convlora": json.dumps({**meta, "format_version": 99})})
     with pytest.raises(InputError, match="newer"):
         load_model(newer)
+
+
+def test_folded_batch_norms_compute_the_same_function():
+    """Inference folds each conv-then-BN pair; the function must not change, nor the model it came from."""
+    torch.manual_seed(0)
+    unet = build_model(4).unet
+    with torch.no_grad():  # BN statistics and affine far from the identity, so a wrong fold shows
+        for m in unet.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    unet.eval()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    folded = fold_batch_norms(unet)
+    count = lambda m: sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # noqa: E731
+    assert count(folded) < count(unet)
+    x = torch.rand(2, 1, 32, 40)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), unet(x), rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
