@@ -36,6 +36,7 @@ from ..inference import SegmentProgress
 from ..library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, check_name, default_model_path
 from ..review import upright_view
 from . import jobs
+from .batch_panel import BatchPanel
 from .controls import AROUND, NO_GT, Controls
 from .job_process import JobProcess
 from .layers import MADE_BY_KEY, aligned_kwargs, check_image_volume, volume_from_layer
@@ -108,7 +109,11 @@ class ConvLoRAWidget(QWidget):
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
-        self.setMinimumWidth(380)
+        self.batch = BatchPanel(self._batch_options)
+        c.layout().insertWidget(c.layout().count() - 1, self.batch)  # above the stretch
+        # as wide as the boxes need beside the vertical scroll bar: the dock must not cut off their right edge
+        bar = scroll.verticalScrollBar().sizeHint().width()
+        self.setMinimumWidth(max(380, c.minimumSizeHint().width() + bar + 2 * scroll.frameWidth()))
 
         c.model_button.clicked.connect(self._choose_model)
         c.device_combo.currentTextChanged.connect(self._show_device)
@@ -270,6 +275,12 @@ class ConvLoRAWidget(QWidget):
         if path:
             self.model_path = Path(path)
             self._show_model()
+
+    def _batch_options(self) -> tuple[str, str, Path | None]:
+        """What ``convlora batch`` gets from this widget: --adapter (the adapter choice), --device, --model."""
+        spec = self.controls.adapter_combo.currentData() or jobs.SOURCE_LABEL
+        adapter = {jobs.SOURCE_LABEL: "none", jobs.AUTO_LABEL: "auto"}.get(spec, spec)
+        return adapter, self.controls.device_combo.currentText(), self.model_path
 
     def _model(self) -> Path:
         return self.model_path if self.model_path is not None else default_model_path()
@@ -698,6 +709,7 @@ class ConvLoRAWidget(QWidget):
         for job in list(self.jobs.values()):
             if not job.wait(wait_s):
                 log.warning("napari-convlora: a %s job did not stop within %.0f s", job.kind, wait_s)
+        self.batch.stop(wait_s)
         if self.process is not None:
             self.process.close()
 
