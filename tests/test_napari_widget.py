@@ -434,17 +434,37 @@ def test_library_actions_import_rename_export_remove(viewer_widget, tmp_path, mo
     assert sorted(p.name for p in library.iterdir()) == ["site-a.safetensors"]
 
 
-def test_a_worker_process_that_dies_is_reported_and_jobs_go_on_in_threads(process_widget, qtbot, monkeypatch):
+def test_a_worker_process_that_dies_is_replaced_for_the_next_job(process_widget, qtbot, monkeypatch):
     import signal
 
     viewer, widget = process_widget
-    warnings = []
-    monkeypatch.setattr("napari_convlora._napari.widget.show_warning", warnings.append)
-    os.kill(widget.process.pid, signal.SIGKILL)  # e.g. the system's out-of-memory killer
-    qtbot.waitUntil(lambda: widget.process.failure is not None, timeout=TIMEOUT_MS)
+    said = {"info": [], "warning": []}
+    monkeypatch.setattr("napari_convlora._napari.widget.show_info", said["info"].append)
+    monkeypatch.setattr("napari_convlora._napari.widget.show_warning", said["warning"].append)
+    first = widget.process.pid
+    os.kill(first, signal.SIGKILL)  # e.g. the system's out-of-memory killer
+    qtbot.waitUntil(lambda: widget.process.ended is not None, timeout=TIMEOUT_MS)
     widget.controls.segment_button.click()
     _wait_idle(qtbot, widget)
     assert "mask: source" in viewer.layers
+    assert any("ended" in m and "starting a new one" in m for m in said["info"]) and not said["warning"]
+    assert widget.process.alive and widget.process.pid not in (None, first) and widget.process.restarts == 1
+
+
+def test_after_too_many_deaths_jobs_go_on_in_threads_and_the_user_is_told(process_widget, qtbot, monkeypatch):
+    import signal
+
+    from napari_convlora._napari import job_process
+
+    viewer, widget = process_widget
+    monkeypatch.setattr(job_process, "MAX_RESTARTS", 0)
+    warnings = []
+    monkeypatch.setattr("napari_convlora._napari.widget.show_warning", warnings.append)
+    os.kill(widget.process.pid, signal.SIGKILL)
+    qtbot.waitUntil(lambda: widget.process.ended is not None, timeout=TIMEOUT_MS)
+    widget.controls.segment_button.click()
+    _wait_idle(qtbot, widget)
+    assert "mask: source" in viewer.layers and not widget.process.alive and widget.process.restarts == 0
     assert len(warnings) == 1 and "ended" in warnings[0] and "running in threads" in warnings[0]
 
 

@@ -17,7 +17,10 @@ module, over an unnamed socket pair: nothing another user can reach):
 
 Cancel sets the job's stop event in the child, which the core's generators
 check between steps: the job ends within one step and writes nothing half.
-When the parent goes away the child's socket closes and the child exits.
+When the parent goes away the child's socket closes and the child exits. When
+the child dies (e.g. the out-of-memory killer), the job running then fails,
+and the next job starts a new child first (up to ``MAX_RESTARTS`` times; after
+that, and if a child cannot start at all, jobs run in threads of the viewer).
 
 This module imports neither Qt nor napari: the child imports it to serve.
 """
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0  # importing torch on a cold disk can take tens of seconds
 EXIT_WAIT_S = 5.0
+MAX_RESTARTS = 2  # children that died under the widget before it gives up on the process path
 CHILD_ENV = "CONVLORA_WORKER_PROCESS"  # set in the child: jobs.worker_threads gives it every core
 
 
@@ -158,11 +162,15 @@ class JobProcess:
     :meth:`start` returns at once; the child imports torch in the background.
     A job asked for before the child is ready waits for it; if the child cannot
     start, :attr:`failure` says why and :meth:`run` runs the job in the calling
-    thread instead (the old thread path).
+    thread instead (the old thread path). If a child dies, :attr:`ended` says
+    how until the next job starts a new one (:attr:`restarts` counts them).
     """
 
     def __init__(self) -> None:
         self.failure: str | None = None
+        self.ended: str | None = None
+        self.restarts = 0
+        self._restart_lock = threading.Lock()
         self.pid: int | None = None
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
@@ -246,12 +254,29 @@ class JobProcess:
             inbox = self._inboxes.get(job_id)
             if inbox is not None:
                 inbox.put((what, payload))
-        code = self._proc.poll() if self._proc is not None else None
+        try:
+            code = self._proc.wait(EXIT_WAIT_S) if self._proc is not None else None  # EOF: it is gone or going
+        except subprocess.TimeoutExpired:
+            code = None
         lost = RuntimeError(f"the worker process ended (exit code {code})")
-        if not self._closing:  # later jobs run in threads, and the widget says why
-            self.failure = f"it ended (exit code {code})"
+        if not self._closing:  # the next job starts a new one (see run), or runs in a thread after too many
+            self.ended = f"ended (exit code {code})"
+            if self.restarts >= MAX_RESTARTS:
+                self.failure = f"it {self.ended}" + (f", as did {self.restarts} new one(s)" if self.restarts else "")
         for inbox in list(self._inboxes.values()):
             inbox.put(("error", lost))
+
+    def _restart(self) -> None:
+        """A new child in place of one that died (unless :meth:`_dispatch` gave up: :attr:`failure`)."""
+        with self._restart_lock:
+            if self.ended is None or self.failure is not None:
+                return
+            self.restarts += 1
+            log.warning("napari-convlora: the worker process %s; starting a new one", self.ended)
+            self._kill()
+            self._ready.clear()
+            self.ended = None
+            self._start()
 
     def run(self, kind: str, job: Callable[..., Generator], *args, stop: threading.Event, **kwargs) -> Generator:
         """Run ``job`` (``kind`` names it in the child) there; yield its reports; return its result.
@@ -260,6 +285,8 @@ class JobProcess:
         is forwarded to the child when set. If the child is not available the job
         runs here, in this thread.
         """
+        if self.ended is not None:
+            self._restart()
         if not self.wait_ready():
             return (yield from job(*args, stop=stop, **kwargs))
         job_id = next(self._ids)

@@ -651,6 +651,8 @@ class ConvLoRAWidget(QWidget):
         return start_job(kind, job, *args, process=self.process, **kwargs)
 
     def _tell_fallback(self) -> None:
+        if self.process is not None and self.process.ended and not self.process.failure:
+            show_info(f"napari-convlora: the worker process {self.process.ended}; starting a new one for this job")
         if self.process is not None and self.process.failure and not self._told_fallback:
             self._told_fallback = True
             show_warning(
