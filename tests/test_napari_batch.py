@@ -92,7 +92,7 @@ def test_cancel_ends_the_command_and_its_workers_and_keeps_what_is_done(panel, q
     assert not [p for p in outdir.iterdir() if p.name not in {*masks, "results.csv"}] if outdir.exists() else True
 
 
-def test_bad_folders_are_refused_at_once_with_a_notification(panel, tmp_path):
+def test_bad_folders_are_refused_at_once_with_a_notification(panel, tmp_path, small_path):
     box, said = panel
     box.run_button.click()
     assert "choose a folder of scans" in said["error"][-1] and not box.running
@@ -105,6 +105,14 @@ def test_bad_folders_are_refused_at_once_with_a_notification(panel, tmp_path):
     box.input_edit.setText(str(empty))
     box.run_button.click()
     assert "no NIfTI scans" in said["error"][-1] and not box.running
+    folder, outdir = _scans(tmp_path, small_path, 1, broken=False)
+    outdir.mkdir()
+    (outdir / "sub-00_T1w_mask.nii.gz").write_bytes(b"someone else's mask")
+    box.input_edit.setText(str(folder))
+    box.output_edit.setText(str(outdir))
+    box.run_button.click()
+    assert "sub-00_T1w_mask.nii.gz: already exists" in said["error"][-1] and not box.running
+    assert (outdir / "sub-00_T1w_mask.nii.gz").read_bytes() == b"someone else's mask"
     (tmp_path / "file").write_text("x")
     box.input_edit.setText(str(tmp_path / "empty"))
     box.output_edit.setText(str(tmp_path / "file"))

@@ -143,7 +143,11 @@ class BatchPanel(QGroupBox):
         adapter, device, model = self._options()
         adapter = "adapt" if self.adapt_check.isChecked() else adapter
         scans = plan_scans(str(folder), outdir, adapter)
-        done = ResultsTable(outdir).done()
+        table = ResultsTable(outdir)
+        taken = [scan.output for scan in scans if Path(scan.output).exists()]
+        if taken and not table.path.is_file():  # the command refuses these too; say it in the GUI's words
+            raise InputError(f"{taken[0]}: already exists, not written by a batch run; choose another masks folder")
+        done = table.done()
         todo = sum(scan.input not in done for scan in scans)
         command = ["-m", "napari_convlora.cli", "batch", str(folder), "-o", str(outdir)]
         command += ["--adapter", adapter, "--device", device, "--json"]
