@@ -23,6 +23,7 @@ one JSON object. With ``--screenshots`` also saves the window after each stage
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -195,6 +196,13 @@ def cli_times(model: Path | None, folder: Path) -> dict[str, float]:
 
 
 def main() -> None:
+    """Parse the options, run the benchmark, and print its JSON alone on stdout."""
+    with contextlib.redirect_stdout(sys.stderr):  # napari echoes notifications on stdout; keep it for the JSON
+        result = run()
+    print(json.dumps(result, indent=1))
+
+
+def run() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=("process", "thread"), default="process", help="where the model runs")
     parser.add_argument("--threads", type=int, help="torch intra-op threads for the model (default: see above)")
@@ -283,7 +291,7 @@ def main() -> None:
             cli = cli_times(args.model, Path(folder))
         result["cli_s"] = cli
         result["gui_over_cli"] = {k: round(first[k] / cli[k], 2) for k in cli}
-    print(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":
