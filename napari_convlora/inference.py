@@ -88,7 +88,7 @@ def predict_logits(
     precision: str = "auto",
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (start index, float32 logits) for consecutive batches of a (N, H, W) slice stack."""
-    unet = fold_batch_norms(unet).to(device)
+    unet = unet.to(device).eval()
     batch_size = batch_size or default_batch_size(device)
     dtype = inference_dtype(device, precision)
     if device.type == "cpu":
@@ -185,7 +185,7 @@ def iter_segment(
     start = time.perf_counter()
     torch_device = pick_device(device)
     inference_dtype(torch_device, precision)  # a bad name fails before any work
-    unet = apply_adapter(base, adapter)  # a copy: the base model is never touched
+    unet = fold_batch_norms(apply_adapter(base, adapter))  # a copy: the base model is never touched
     geometry, scaled = plan(volume, base.intensity_scaling)
     count = _Count(total=geometry.n_slices, start=start)
     if two_pass:

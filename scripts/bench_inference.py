@@ -23,7 +23,7 @@ from napari_convlora.adapt import AdaptConfig, run_adaptation
 from napari_convlora.adapters import ADAPTER_KINDS, apply_adapter
 from napari_convlora.geometry import plan
 from napari_convlora.inference import bf16_supported, predict_logits, segment
-from napari_convlora.model import load_model
+from napari_convlora.model import fold_batch_norms, load_model
 from napari_convlora.nifti import load_volume
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +56,9 @@ def main() -> None:
         f"volume {volume.data.shape} -> {stack.shape[0]} slices of {stack.shape[1]}x{stack.shape[2]}"
     )
     print(f"  this CPU computes bfloat16 natively: {bf16_supported()}")
+    folded = fold_batch_norms(base.copy().unet)  # as segment runs it
     for batch, precision in ((16, "float32"), (4, "float32"), (16, "bfloat16"), (4, "bfloat16")):
-        ms = statistics.median(per_slice_ms(base.unet, stack, batch, precision) for _ in range(args.repeats))
+        ms = statistics.median(per_slice_ms(folded, stack, batch, precision) for _ in range(args.repeats))
         print(f"  inference, batch {batch:2d}, {precision:8s}, channels_last: {ms:6.1f} ms/slice")
     for precision in ("float32", "auto"):
         seconds = statistics.median(
@@ -70,7 +71,7 @@ def main() -> None:
             f"  {kind}: adapt, 10 slices x 5 epochs, batch 2: {done.seconds:.1f} s, best epoch {done.best_epoch}, "
             f"agreements {[round(a, 4) for a in done.agreements]}"
         )
-        adapted = apply_adapter(base, done.adapter)
+        adapted = fold_batch_norms(apply_adapter(base, done.adapter))
         ms = statistics.median(per_slice_ms(adapted, stack, 4, "auto") for _ in range(args.repeats))
         seconds = statistics.median(
             segment(base, volume, done.adapter, device="cpu").seconds for _ in range(args.repeats)
