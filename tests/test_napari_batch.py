@@ -47,6 +47,12 @@ def _scans(tmp_path, small_path, n: int, broken: bool) -> tuple:
     return folder, tmp_path / "masks"
 
 
+def _run(box, folder, outdir) -> None:
+    box.input_edit.setText(str(folder))
+    box.output_edit.setText(str(outdir))
+    box.run_button.click()
+
+
 def _rows(outdir) -> list[dict]:
     with (outdir / "results.csv").open(newline="") as handle:
         return list(csv.DictReader(handle))
@@ -55,9 +61,7 @@ def _rows(outdir) -> list[dict]:
 def test_a_batch_runs_a_folder_reports_a_failed_scan_and_resumes(panel, qtbot, tmp_path, small_path):
     box, said = panel
     folder, outdir = _scans(tmp_path, small_path, 2, broken=True)
-    box.input_edit.setText(str(folder))
-    box.output_edit.setText(str(outdir))
-    box.run_button.click()
+    _run(box, folder, outdir)
     assert box.running and not box.progress.isHidden() and box.progress.maximum() == 3
     qtbot.waitUntil(lambda: not box.running, timeout=RUN_TIMEOUT_MS)
     rows = {r["input"].rsplit("/", 1)[-1]: r for r in _rows(outdir)}
@@ -74,9 +78,7 @@ def test_a_batch_runs_a_folder_reports_a_failed_scan_and_resumes(panel, qtbot, t
 def test_cancel_ends_the_command_and_its_workers_and_keeps_what_is_done(panel, qtbot, tmp_path, small_path):
     box, said = panel
     folder, outdir = _scans(tmp_path, small_path, 6, broken=False)
-    box.input_edit.setText(str(folder))
-    box.output_edit.setText(str(outdir))
-    box.run_button.click()
+    _run(box, folder, outdir)
     command = psutil.Process(int(box.process.processId()))
     qtbot.waitUntil(lambda: len(command.children(recursive=True)) >= 1, timeout=RUN_TIMEOUT_MS)  # the cluster is up
     children = command.children(recursive=True)
@@ -108,9 +110,7 @@ def test_bad_folders_are_refused_at_once_with_a_notification(panel, tmp_path, sm
     folder, outdir = _scans(tmp_path, small_path, 1, broken=False)
     outdir.mkdir()
     (outdir / "sub-00_T1w_mask.nii.gz").write_bytes(b"someone else's mask")
-    box.input_edit.setText(str(folder))
-    box.output_edit.setText(str(outdir))
-    box.run_button.click()
+    _run(box, folder, outdir)
     assert "sub-00_T1w_mask.nii.gz: already exists" in said["error"][-1] and not box.running
     assert (outdir / "sub-00_T1w_mask.nii.gz").read_bytes() == b"someone else's mask"
     (tmp_path / "file").write_text("x")
