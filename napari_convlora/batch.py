@@ -225,6 +225,15 @@ class ResultsTable:
                 r["input"] for r in csv.DictReader(handle) if r.get("status") == "ok" and Path(r["output"]).is_file()
             }
 
+    def todo(self, scans: list[Scan]) -> list[Scan]:
+        """The scans a run still has to do: all but those :meth:`done`."""
+        done = self.done()
+        return [scan for scan in scans if scan.input not in done]
+
+    def foreign_outputs(self, scans: list[Scan]) -> list[str]:
+        """Masks already where ``scans`` would write theirs, in a folder no batch run wrote (no table): kept."""
+        return [] if self.path.is_file() else [scan.output for scan in scans if Path(scan.output).exists()]
+
     def append(self, row: dict) -> None:
         new = not self.path.is_file() or self.path.stat().st_size == 0
         with self.path.open("a", newline="", encoding="utf-8") as handle:
@@ -294,8 +303,7 @@ def run_batch(
     from distributed import as_completed
 
     table = ResultsTable(outdir)
-    done = table.done()
-    todo = [scan for scan in scans if scan.input not in done]
+    todo = table.todo(scans)
     adapters_dir = str(outdir / "adapters")
     futures = [
         client.submit(

@@ -354,13 +354,11 @@ def cmd_batch(args: argparse.Namespace) -> dict:
         raise InputError(f"{args.output}: is a file; give a folder for the masks")
     scans = plan_scans(args.inputs, args.output.resolve(), args.adapter, args.gt_dir, args.csv)
     table = ResultsTable(args.output.resolve())
-    if not table.path.is_file() and not args.overwrite:  # a folder no run of ours wrote: never replace its files
-        taken = [scan.output for scan in scans if Path(scan.output).exists()]
-        if taken:
-            raise InputError(f"{taken[0]}: already exists (and {len(taken) - 1} more); pass --overwrite to replace")
+    taken = [] if args.overwrite else table.foreign_outputs(scans)
+    if taken:
+        raise InputError(f"{taken[0]}: already exists (and {len(taken) - 1} more); pass --overwrite to replace")
     args.output.mkdir(parents=True, exist_ok=True)
-    done_before = table.done()
-    todo = sum(scan.input not in done_before for scan in scans)
+    todo = len(table.todo(scans))
     bar = None
     if sys.stderr.isatty() and todo:
         from tqdm import tqdm

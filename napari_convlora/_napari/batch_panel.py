@@ -144,11 +144,10 @@ class BatchPanel(QGroupBox):
         adapter = "adapt" if self.adapt_check.isChecked() else adapter
         scans = plan_scans(str(folder), outdir, adapter)
         table = ResultsTable(outdir)
-        taken = [scan.output for scan in scans if Path(scan.output).exists()]
-        if taken and not table.path.is_file():  # the command refuses these too; say it in the GUI's words
+        taken = table.foreign_outputs(scans)  # the command refuses these too; say it in the GUI's words
+        if taken:
             raise InputError(f"{taken[0]}: already exists, not written by a batch run; choose another masks folder")
-        done = table.done()
-        todo = sum(scan.input not in done for scan in scans)
+        todo = len(table.todo(scans))
         command = ["-m", "napari_convlora.cli", "batch", str(folder), "-o", str(outdir)]
         command += ["--adapter", adapter, "--device", device, "--json"]
         if model is not None:
