@@ -21,6 +21,7 @@ from nibabel import orientations
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from .morphology import opening
 from .nifti import Volume
 
 PLANE_SPACING_MM = 1.0
@@ -78,12 +79,16 @@ class SliceGeometry:
         """A (n_slices, H, W) stack of probabilities back to a float32 volume in file order."""
         x0, x1 = self.x_range
         y0, y1, z0, z1 = self.crop
-        plane = np.zeros((x1 - x0, *self.plane_shape), dtype=np.float32)
         sy0, sz0 = max(y0, 0), max(z0, 0)
         sy1, sz1 = min(y1, self.plane_shape[0]), min(z1, self.plane_shape[1])
-        plane[:, sy0:sy1, sz0:sz1] = stack[:, sy0 - y0 : sy1 - y0, sz0 - z0 : sz1 - z0]
+        inside = stack[:, sy0 - y0 : sy1 - y0, sz0 - z0 : sz1 - z0]
         ras = np.zeros(self.ras_shape, dtype=np.float32)
-        ras[x0:x1] = _resize_plane(plane, self.ras_shape[1:])
+        if tuple(self.plane_shape) == tuple(self.ras_shape[1:]):  # slices on the file's in-plane grid: no resize
+            ras[x0:x1, sy0:sy1, sz0:sz1] = inside
+        else:
+            plane = np.zeros((x1 - x0, *self.plane_shape), dtype=np.float32)
+            plane[:, sy0:sy1, sz0:sz1] = inside
+            ras[x0:x1] = _resize_plane(plane, self.ras_shape[1:])
         return self.from_ras(ras)
 
     def to_ras(self, disk: np.ndarray) -> np.ndarray:
@@ -164,7 +169,9 @@ def scale_intensity(ras: np.ndarray, scaling: str = LEGACY_SCALING) -> np.ndarra
     hi = float(np.percentile(above, 99.5)) if above.size else lo
     if hi <= lo:
         hi = float(sample.max())
-    scaled = (ras.astype(np.float32) - lo) / max(hi - lo, 1e-12)
+    scaled = ras.astype(np.float32, order="C")  # C order whatever the file's (NIfTI data is Fortran order):
+    scaled -= lo  # every later step slices and shifts it along its first axis
+    scaled /= max(hi - lo, 1e-12)
     np.clip(scaled, 0.0, 1.0, out=scaled)
     if scaling == "tissue":
         scaled *= TISSUE_LEVEL / float(np.clip(tissue_level(scaled), 0.05, 1.0))
@@ -251,7 +258,7 @@ def plan(volume: Volume, scaling: str = LEGACY_SCALING) -> tuple[SliceGeometry, 
 def _head_mask(scaled: np.ndarray) -> np.ndarray:
     """Voxels brighter than Otsu's threshold, speckles removed: where the head is."""
     threshold = threshold_otsu(scaled[::2, ::2, ::2])
-    return ndimage.binary_opening(scaled > threshold, iterations=1)
+    return opening(scaled > threshold, 1)
 
 
 def _extent(profile: np.ndarray, n: int, margin: float) -> tuple[int, int]:

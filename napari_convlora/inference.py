@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 from scipy.special import expit
 
 from .adapters import Adapter, apply_adapter
@@ -21,6 +20,7 @@ from .device import pick_device
 from .errors import InputError
 from .geometry import SliceGeometry, plan
 from .model import BaseModel, UNet2D, fold_batch_norms
+from .morphology import dilate_cube, fill_holes, largest_component, opening
 from .nifti import Volume
 
 COARSE_X_STEP = 3  # the first pass of two reads every third sagittal slice
@@ -113,23 +113,14 @@ def clean_mask(mask: np.ndarray, bridge_voxels: int = 2) -> np.ndarray:
         return mask.astype(np.uint8)
     box = _bounding_box(mask, pad=bridge_voxels + 1)
     part = mask[box].astype(bool)
-    core = _largest_component(ndimage.binary_opening(part, iterations=bridge_voxels)) if bridge_voxels else part
+    core = largest_component(opening(part, bridge_voxels)) if bridge_voxels else part
     if not core.any():  # nothing thicker than the bridges: the plain largest component
         core = part
-    grow = np.ones((3, 3, 3), dtype=bool)  # back by as much in every direction, corners and edges included
-    kept = _largest_component(part & ndimage.binary_dilation(core, grow, iterations=bridge_voxels))
+    # back by as much in every direction, corners and edges included
+    kept = largest_component(part & dilate_cube(core, bridge_voxels))
     out = np.zeros(mask.shape, dtype=np.uint8)
-    out[box] = ndimage.binary_fill_holes(kept)
+    out[box] = fill_holes(kept)
     return out
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask)
-    if n <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(sizes.argmax())
 
 
 def _bounding_box(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...]:
@@ -149,9 +140,9 @@ def brain_box(geometry: SliceGeometry, coarse: np.ndarray, x_step: int) -> tuple
     not stretch the box. None when the pass found nothing.
     """
     found = coarse > 0.5
-    core = _largest_component(ndimage.binary_opening(found, iterations=1))
+    core = largest_component(opening(found, 1))
     if not core.any():
-        core = _largest_component(found)
+        core = largest_component(found)
     if not core.any():
         return None
     box = _bounding_box(core)
@@ -237,7 +228,7 @@ def _predict(
 def _finish(
     geometry: SliceGeometry, logits: np.ndarray, volume: Volume, adapter: Adapter | None, cleanup: bool, start: float
 ) -> Segmentation:
-    probability = geometry.from_model(expit(logits))
+    probability = geometry.from_model(expit(logits, out=logits))  # in place: the logits are not used again
     mask = (probability > 0.5).astype(np.uint8)
     if cleanup and mask.any():
         mask = clean_mask(mask)
