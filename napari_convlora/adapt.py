@@ -55,6 +55,7 @@ from .model import BaseModel, UNet2D
 from .nifti import Volume
 from .objectives import (
     OBJECTIVES,
+    PRIOR_OBJECTIVES,
     PSEUDO_LABEL_OBJECTIVES,
     STATISTICS_OBJECTIVES,
     SourceStatistics,
@@ -71,6 +72,7 @@ from .selection import (
     iter_source_and_adapted,
     mask_confidence,
 )
+from .shape_prior import ShapePrior, slice_positions
 
 # Weight of the MoE load-balancing loss (summed over layers) against the self-training BCE: the
 # value of Shazeer et al. and of the Conv-LoRA code. It only keeps experts in use; the gate learns from it alone.
@@ -281,10 +283,14 @@ def adapt(
     """
     config.check()
     start = time.perf_counter()
+    prior = None
+    if config.objective in PRIOR_OBJECTIVES:  # before any work: a model without a prior cannot do these
+        prior = ShapePrior.from_metadata(base.metadata, str(base.path or "the base model"))
     device = pick_device(config.device)
     geometry, scaled = plan(volume, base.intensity_scaling)
     stack = geometry.to_model(scaled)
     indices = slices_for(stack, config)
+    positions = slice_positions(indices, len(stack))
     images = torch.from_numpy(stack[indices][:, None].copy()).to(device)
 
     model = base.copy()  # never touch the caller's weights
@@ -331,8 +337,12 @@ def adapt(
                 loss = torch.zeros((), device=device)
                 if statistics is not None:
                     with statistics.measuring():
-                        unet.encode(x)
+                        out = unet(x) if prior is not None else unet.encode(x)
                     loss = loss + statistics.loss()
+                elif prior is not None:
+                    out = unet(x)
+                if prior is not None:
+                    loss = loss + prior.loss(out, positions[batch.cpu().numpy()])
                 if config.objective in PSEUDO_LABEL_OBJECTIVES:
                     loss = loss + pseudo_label_loss(unet, x, labels[batch], weights[batch], views)
             if config.kind == "moe":

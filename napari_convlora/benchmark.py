@@ -15,9 +15,10 @@ carried onto the simulated grid. Methods:
   (early-head/final agreement);
 - ``convlora+adabn``: the same with the epoch chosen by perturbation consistency;
 - ``mixbn``: encoder BN statistics half source, half target; nothing trained;
-- ``stats``, ``pseudo``, ``stats+pseudo``: ConvLoRA trained on the objectives of
-  :mod:`napari_convlora.objectives` (feature statistics, multi-view pseudo-labels,
-  both), source BN statistics;
+- ``stats``, ``pseudo``, ``stats+pseudo``, ``prior``, ``stats+prior``: ConvLoRA
+  trained on the objectives of :mod:`napari_convlora.objectives` (feature
+  statistics, multi-view pseudo-labels, both; the size prior of
+  :mod:`napari_convlora.shape_prior`, alone and with the statistics), source BN statistics;
 - ``moe`` and ``moe+adabn``: the same self-training with Conv-LoRA adapters with a
   mixture of 8 scale experts (``kind="moe"``), without and with AdaBN;
 - ``full-ft``: the whole U-Net fine-tuned on its own thresholded predictions
@@ -70,6 +71,8 @@ METHODS: dict[str, str] = {
     "stats": "ConvLoRA trained to match the source feature statistics, source BN statistics",
     "pseudo": "ConvLoRA trained on multi-view pseudo-labels of the source model, source BN statistics",
     "stats+pseudo": "ConvLoRA trained on feature statistics and pseudo-labels together, source BN statistics",
+    "prior": "ConvLoRA trained on the size prior alone (brain area per slice from the source masks), source BN",
+    "stats+prior": "ConvLoRA trained on feature statistics and the size prior together, source BN statistics",
     "moe": "Conv-LoRA with a mixture of scale experts (MoE) self-training, source BN statistics",
     "moe+adabn": "Conv-LoRA with a mixture of scale experts (MoE) + AdaBN self-training",
     "full-ft": "full fine-tuning of the U-Net on its own thresholded predictions (pseudo-labels)",
@@ -119,6 +122,8 @@ ADAPTER_METHODS: dict[str, tuple[str, str, bool, str]] = {
     "stats": ("convlora", "feature-stats", False, "consistency"),
     "pseudo": ("convlora", "pseudo-label", False, "consistency"),
     "stats+pseudo": ("convlora", "stats+pseudo", False, "consistency"),
+    "prior": ("convlora", "shape-prior", False, "consistency"),
+    "stats+prior": ("convlora", "stats+prior", False, "consistency"),
 }
 MIX_SHARE = 0.5  # mixbn: share of the target statistics
 

@@ -14,6 +14,11 @@ target slices; they differ in what tells the adapters which way to move:
   the confident pixels (|p - 0.5| >= 0.4) with BCE + soft Dice, plus the
   agreement of its outputs on two photometric views of the same slices.
 - ``stats+pseudo``: both losses summed.
+- ``shape-prior``: only the size prior of :mod:`napari_convlora.shape_prior` (the
+  brain's area per slice, by lateral position, learnt from the source masks) on
+  the adapted network's final output: it can only pull a leaking or collapsing
+  mask back towards a plausible size, so it is measured alone and with the
+  feature statistics, ``stats+prior``.
 
 The early-head objective of the paper lives in :mod:`napari_convlora.adapt`.
 """
@@ -32,9 +37,10 @@ from scipy import ndimage
 from .adapters import encoder_batchnorms
 from .model import UNet2D
 
-OBJECTIVES = ("early-head", "feature-stats", "pseudo-label", "stats+pseudo")
-STATISTICS_OBJECTIVES = ("feature-stats", "stats+pseudo")  # those with the feature-statistics loss
+OBJECTIVES = ("early-head", "feature-stats", "pseudo-label", "stats+pseudo", "shape-prior", "stats+prior")
+STATISTICS_OBJECTIVES = ("feature-stats", "stats+pseudo", "stats+prior")  # those with the feature-statistics loss
 PSEUDO_LABEL_OBJECTIVES = ("pseudo-label", "stats+pseudo")  # those with the pseudo-label loss
+PRIOR_OBJECTIVES = ("shape-prior", "stats+prior")  # those with the shape prior (the model must carry one)
 CONFIDENCE = 0.4  # a pseudo-labelled pixel counts when |p - 0.5| >= this
 CONSISTENCY_WEIGHT = 1.0
 # Views of the pseudo-label: (rotation degrees, zoom, gamma). Invertible, and within the source training

@@ -41,6 +41,8 @@ from .files import atomic_write
 from .geometry import plan
 from .model import METADATA_KEY, BaseModel, build_model
 from .nifti import load_mask, load_volume
+from .shape_prior import METADATA_KEY as PRIOR_KEY
+from .shape_prior import learn_shape_prior
 
 
 @dataclass(frozen=True)
@@ -357,4 +359,5 @@ def train_source(
         phase = "head"
         moments = {}
     model.eval()
+    model.metadata[PRIOR_KEY] = learn_shape_prior([h.masks for h in heads]).as_metadata()
     yield TrainDone(model.copy().eval(), time.perf_counter() - start)

@@ -16,6 +16,7 @@ from napari_convlora.library import default_model_path
 from napari_convlora.model import load_model
 from napari_convlora.objectives import (
     OBJECTIVES,
+    PRIOR_OBJECTIVES,
     SourceStatistics,
     multiview_probability,
     pseudo_label_loss,
@@ -30,12 +31,21 @@ from napari_convlora.selection import (
     mask_confidence,
     perturbations,
 )
+from napari_convlora.shape_prior import METADATA_KEY as PRIOR_KEY
+from napari_convlora.shape_prior import learn_shape_prior
+from napari_convlora.training import load_heads
+
+from .conftest import SAMPLE_MASK, SAMPLE_T1
 
 QUICK = AdaptConfig(slices=4, epochs=2, batch_size=2, lr=1e-3, seed=0, device="cpu", adabn=False)
 
 
 @pytest.mark.parametrize("objective", [o for o in OBJECTIVES if o != "early-head"])
 def test_a_few_steps_move_the_adapters(model, small_volume, objective):
+    if objective in PRIOR_OBJECTIVES:  # a prior from the sample's own mask (the random model has none)
+        model = model.copy()
+        mask = load_heads([(SAMPLE_T1, SAMPLE_MASK)])[0].masks
+        model.metadata[PRIOR_KEY] = learn_shape_prior([mask]).as_metadata()
     done = run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "objective": objective}))
     lora_b = [v for k, v in done.adapter.tensors.items() if k.endswith("lora_B")]
     assert lora_b and any(torch.count_nonzero(v) for v in lora_b)
