@@ -56,7 +56,9 @@ from .inference import predict_logits, segment
 from .metrics import evaluate
 from .model import BaseModel, UNet2D
 from .nifti import Volume
+from .objectives import PRIOR_OBJECTIVES
 from .selection import GATE_MARGIN, GATE_MARGINS, accepted, consistency, mask_confidence
+from .shape_prior import ShapePrior
 from .simulate import PROFILES, SOURCE_PROFILE, simulate
 from .training import segmentation_loss
 
@@ -273,6 +275,8 @@ def run_benchmark(
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[Cell]:
     """Yield one :class:`Cell` per (profile, seed, method) not already in ``done``."""
+    if any(ADAPTER_METHODS.get(m, ("", ""))[1] in PRIOR_OBJECTIVES for m in methods):  # before any cell
+        ShapePrior.from_metadata(base.metadata, str(base.path or "the base model"))
     finished = {(c.profile, c.seed, c.method) for c in done}
     for seed in seeds:
         for profile in profiles:

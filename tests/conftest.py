@@ -16,6 +16,9 @@ from nibabel.processing import resample_to_output
 
 from napari_convlora.model import build_model, save_model
 from napari_convlora.nifti import Volume, load_volume
+from napari_convlora.shape_prior import METADATA_KEY as PRIOR_KEY
+from napari_convlora.shape_prior import learn_shape_prior
+from napari_convlora.training import load_heads
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_T1 = ROOT / "resources" / "sample" / "colin27_t1.nii.gz"
@@ -62,9 +65,12 @@ def model():
 
 
 @pytest.fixture(scope="session")
-def model_file(tmp_path_factory) -> Path:
+def model_file(tmp_path_factory, small_path, small_mask_path) -> Path:
+    """Random weights, with the size prior ``train-source`` would write (from the small head's mask)."""
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(make_model(), path, training={"command": "tests: random weights"})
+    model = make_model()
+    model.metadata[PRIOR_KEY] = learn_shape_prior([load_heads([(small_path, small_mask_path)])[0].masks]).as_metadata()
+    save_model(model, path, training={"command": "tests: random weights"})
     return path
 
 

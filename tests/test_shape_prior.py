@@ -93,11 +93,21 @@ def test_the_shipped_model_carries_a_prior_from_its_eight_heads():
 
 
 def test_cli_adapt_with_a_prior_objective_on_a_model_without_one_fails_cleanly(
-    capsys, tmp_path, monkeypatch, small_path, model_file
+    capsys, tmp_path, monkeypatch, small_path, model
 ):
     monkeypatch.setenv("CONVLORA_HOME", str(tmp_path / "home"))
+    model_file = tmp_path / "old.safetensors"  # a model made before train-source wrote priors
+    save_model(model, model_file, training={"command": "tests: random weights"})
     out = tmp_path / "a.safetensors"
     code = main(["adapt", str(small_path), "-o", str(out), "--model", str(model_file), "--objective", "shape-prior"])
     err = capsys.readouterr().err
     assert code == 2 and "no shape prior" in err and str(model_file) in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_benchmark_refuses_prior_methods_on_a_model_without_one_before_any_cell(model, small_volume):
+    from napari_convlora.benchmark import run_benchmark
+
+    cells = run_benchmark(model, small_volume, small_volume, ["ge-3t"], [0], ["source", "stats+prior"])
+    with pytest.raises(InputError, match="no shape prior"):
+        next(cells)
