@@ -49,7 +49,7 @@ def test_loss_is_zero_at_the_prior_and_pulls_a_leak_back():
     leak = torch.full((2, 1, 30, 30), 2.0, requires_grad=True)  # 900 pixels at p = 0.88: ~9.8 spreads too big
     loss = prior.loss(leak, positions)
     z = (900 * torch.sigmoid(torch.tensor(2.0)).item() - 400) / 40
-    assert float(loss) == pytest.approx(0.5 * z**2, rel=1e-4)
+    assert loss.item() == pytest.approx(0.5 * z**2, rel=1e-4)
     loss.backward()
     assert (leak.grad >= 0).all() and leak.grad.sum() > 0  # descending it shrinks the mask
 
