@@ -22,7 +22,7 @@ def _shifted(ndim: int, axis: int, lo: int | None, hi: int | None) -> tuple[slic
 
 def erode(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
     """``ndimage.binary_erosion(mask, iterations=iterations)``: a voxel stays if its 6 neighbours are set."""
-    out = np.asarray(mask, dtype=bool)
+    out = np.ascontiguousarray(mask, dtype=bool)  # C order: the shifts are whole planes (Fortran: 20x slower)
     for _ in range(iterations):
         src, out = out, out.copy()
         for axis in range(out.ndim):
@@ -35,7 +35,7 @@ def erode(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
 
 def dilate(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
     """``ndimage.binary_dilation(mask, iterations=iterations)``: grown by the 6-neighbourhood."""
-    out = np.asarray(mask, dtype=bool)
+    out = np.ascontiguousarray(mask, dtype=bool)  # C order: the shifts are whole planes (Fortran: 20x slower)
     for _ in range(iterations):
         src, out = out, out.copy()
         for axis in range(out.ndim):
@@ -51,7 +51,7 @@ def opening(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
 
 def dilate_cube(mask: np.ndarray, radius: int = 1) -> np.ndarray:
     """``ndimage.binary_dilation(mask, np.ones((3,) * ndim), iterations=radius)``: a cube, one axis at a time."""
-    out = np.asarray(mask, dtype=bool)
+    out = np.ascontiguousarray(mask, dtype=bool)  # C order: the shifts are whole planes (Fortran: 20x slower)
     for axis in range(out.ndim):
         src, out = out, out.copy()
         for step in range(1, radius + 1):

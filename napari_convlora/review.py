@@ -16,13 +16,14 @@ from scipy import ndimage
 
 from .geometry import SliceGeometry
 from .metrics import surface_dice
+from .morphology import erode
 
 FALSE_POSITIVE, FALSE_NEGATIVE = 1, 2
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Foreground voxels with a background face neighbour (the mask's one-voxel shell)."""
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+    return mask & ~erode(mask)
 
 
 def surface_error_map(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> np.ndarray:
