@@ -285,7 +285,7 @@ def adapt(
     start = time.perf_counter()
     prior = None
     if config.objective in PRIOR_OBJECTIVES:  # before any work: a model without a prior cannot do these
-        prior = ShapePrior.from_metadata(base.metadata, str(base.path or "the base model"))
+        prior = ShapePrior.of_model(base)
     device = pick_device(config.device)
     geometry, scaled = plan(volume, base.intensity_scaling)
     stack = geometry.to_model(scaled)

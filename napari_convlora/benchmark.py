@@ -276,7 +276,7 @@ def run_benchmark(
 ) -> Iterator[Cell]:
     """Yield one :class:`Cell` per (profile, seed, method) not already in ``done``."""
     if any(ADAPTER_METHODS.get(m, ("", ""))[1] in PRIOR_OBJECTIVES for m in methods):  # before any cell
-        ShapePrior.from_metadata(base.metadata, str(base.path or "the base model"))
+        ShapePrior.of_model(base)
     finished = {(c.profile, c.seed, c.method) for c in done}
     for seed in seeds:
         for profile in profiles:

@@ -39,6 +39,11 @@ def slice_positions(indices: Sequence[int], n_slices: int) -> np.ndarray:
     return (np.asarray(indices, dtype=np.float64) + 0.5) / max(int(n_slices), 1)
 
 
+def _bins(positions: np.ndarray, bins: int) -> np.ndarray:
+    """The bin (0 to ``bins`` - 1) each position in [0, 1] falls in."""
+    return np.clip((np.asarray(positions) * bins).astype(int), 0, bins - 1)
+
+
 @dataclass(frozen=True)
 class ShapePrior:
     """Brain area per sagittal slice (mm^2): mean and spread per bin of lateral position."""
@@ -74,9 +79,14 @@ class ShapePrior:
             raise InputError(f"{where}: its shape prior metadata is malformed")
         return cls(mean, spread, heads)
 
+    @classmethod
+    def of_model(cls, model) -> ShapePrior:
+        """The prior of a :class:`~napari_convlora.model.BaseModel`, or InputError naming its file."""
+        return cls.from_metadata(model.metadata, str(model.path or "the base model"))
+
     def expected(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean and spread of the area at each position (the bin it falls in)."""
-        bins = np.clip((np.asarray(positions) * len(self.mean_mm2)).astype(int), 0, len(self.mean_mm2) - 1)
+        bins = _bins(positions, len(self.mean_mm2))
         return np.asarray(self.mean_mm2)[bins], np.asarray(self.spread_mm2)[bins]
 
     def loss(self, logits: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
@@ -93,7 +103,7 @@ def learn_shape_prior(mask_stacks: Sequence[np.ndarray]) -> ShapePrior:
     per_head = []
     for stack in mask_stacks:
         area = np.asarray(stack, dtype=np.float64).sum(axis=(1, 2)) * PLANE_SPACING_MM**2
-        bins = np.clip((slice_positions(range(len(area)), len(area)) * BINS).astype(int), 0, BINS - 1)
+        bins = _bins(slice_positions(range(len(area)), len(area)), BINS)
         counts = np.bincount(bins, minlength=BINS)
         per_head.append(np.bincount(bins, weights=area, minlength=BINS) / np.maximum(counts, 1))
     areas = np.stack(per_head)
