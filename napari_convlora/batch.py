@@ -146,8 +146,14 @@ def _model(path: str | None):
     return _cached_model(str(file), file.stat().st_mtime_ns)
 
 
-def _segment(scan: Scan, model_path: str | None, device: str, adapters_dir: str) -> tuple[object, object, str]:
-    """(volume, Segmentation, adapter label) of one scan, by its adapter choice."""
+def _segment(
+    scan: Scan, model_path: str | None, device: str, adapters_dir: str, tta: int = 1
+) -> tuple[object, object, str]:
+    """(volume, Segmentation, adapter label) of one scan, by its adapter choice; ``tta`` mirror views per slice.
+
+    With ``adapt`` the gate decides on plain segmentations; with ``tta`` > 1 the
+    kept model then segments once more with the mirror views.
+    """
     from .adapt import AdaptConfig, run_adaptation
     from .adapters import save_adapter
     from .choose import choose_adapter, iter_segment_checked
@@ -163,11 +169,12 @@ def _segment(scan: Scan, model_path: str | None, device: str, adapters_dir: str)
             path = Path(adapters_dir) / f"{scan.name}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_adapter(done.adapter, path, overwrite=True)  # a rerun of a scan that died after this line
-            return volume, done.segmentation, str(path)
-        return volume, segment(base, volume, device=device), "none (adaptation refused by the gate)"
+            result = done.segmentation if tta == 1 else segment(base, volume, done.adapter, device=device, tta=tta)
+            return volume, result, str(path)
+        return volume, segment(base, volume, device=device, tta=tta), "none (adaptation refused by the gate)"
     if scan.adapter == "auto":
         choice = choose_adapter(base, volume, [path for _, _, path in library_files()], device=device)
-        checked = iter_segment_checked(base, volume, choice, device=device)
+        checked = iter_segment_checked(base, volume, choice, device=device, tta=tta)
         while True:
             try:
                 next(checked)
@@ -175,11 +182,16 @@ def _segment(scan: Scan, model_path: str | None, device: str, adapters_dir: str)
                 result = finished.value
                 return volume, result.segmentation, f"auto: {result.label}"
     adapter = resolve_adapter(scan.adapter)
-    return volume, segment(base, volume, adapter, device=device), scan.adapter
+    return volume, segment(base, volume, adapter, device=device, tta=tta), scan.adapter
 
 
 def process_scan(
-    scan: Scan, model_path: str | None = None, device: str = "cpu", threads: int = 1, adapters_dir: str = ""
+    scan: Scan,
+    model_path: str | None = None,
+    device: str = "cpu",
+    threads: int = 1,
+    adapters_dir: str = "",
+    tta: int = 1,
 ) -> dict:
     """Segment one scan and write its mask (atomically); the results row. Never raises: errors become the row."""
     import torch
@@ -192,7 +204,7 @@ def process_scan(
     row: dict = {"input": scan.input, "output": scan.output, "gt": scan.gt or "", "worker": socket.gethostname()}
     row["worker"] = f"{row['worker']}:{os.getpid()}"
     try:
-        volume, result, label = _segment(scan, model_path, device, adapters_dir)
+        volume, result, label = _segment(scan, model_path, device, adapters_dir, tta)
         save_mask(result.mask, volume, scan.output, overwrite=True)  # a task run again after a lost worker
         row.update(status="ok", error="", adapter=label, volume_ml=round(result.volume_ml, 3))
         if scan.gt:
@@ -298,6 +310,7 @@ def run_batch(
     model_path: str | None = None,
     device: str = "cpu",
     threads: int = 1,
+    tta: int = 1,
 ) -> Iterator[dict]:
     """Submit every scan not done yet; yield each row as it finishes (after appending it to the table)."""
     from distributed import as_completed
@@ -307,7 +320,7 @@ def run_batch(
     adapters_dir = str(outdir / "adapters")
     futures = [
         client.submit(
-            process_scan, scan, model_path, device, threads, adapters_dir, key=f"convlora-{i}-{time.time_ns()}"
+            process_scan, scan, model_path, device, threads, adapters_dir, tta, key=f"convlora-{i}-{time.time_ns()}"
         )
         for i, scan in enumerate(todo)
     ]

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .adapters import ADAPTER_KINDS
     from .device import DEVICE_CHOICES
     from .geometry import INTENSITY_SCALINGS
-    from .inference import PRECISIONS
+    from .inference import PRECISIONS, TTA_MIRRORS
     from .objectives import OBJECTIVES
     from .selection import DEFAULT_GATE, GATES
 
@@ -92,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         help="what the network computes in; auto: bfloat16 on a CPU that has it natively (about 2x faster), "
         "else float32",
+    )
+    p.add_argument(
+        "--tta",
+        type=int,
+        default=1,
+        choices=list(TTA_MIRRORS),
+        help="test-time augmentation: average each slice over 1 (off), 2 or 4 mirror images; "
+        "more accurate boundaries, about that many times the network time (BENCHMARKS.md section 1)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -258,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", default="none", help="none, auto, a library name or file, or adapt (per scan, gated)")
     p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
     p.add_argument("--device", default="cpu", choices=DEVICE_CHOICES)
+    p.add_argument(
+        "--tta", type=int, default=1, choices=list(TTA_MIRRORS), help="mirror views per slice, as for segment"
+    )
     p.add_argument("--scheduler", default="local", help="local (a cluster of processes here) or tcp://HOST:PORT")
     p.add_argument("--workers", type=_positive_int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument(
@@ -315,6 +326,7 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         "cleanup": not args.no_cleanup,
         "two_pass": not args.single_pass,
         "precision": args.precision,
+        "tta": args.tta,
     }
     auto = checked = None
     if args.adapter == "auto":
@@ -370,7 +382,10 @@ def cmd_batch(args: argparse.Namespace) -> dict:
     try:
         if client is not None:
             model = str(args.model.resolve()) if args.model is not None else None
-            for row in run_batch(scans, args.output.resolve(), client, model, args.device, args.threads_per_worker):
+            rows_in = run_batch(
+                scans, args.output.resolve(), client, model, args.device, args.threads_per_worker, args.tta
+            )
+            for row in rows_in:
                 rows.append(row)
                 if row["status"] != "ok":
                     message = f"failed: {row['error']}"

@@ -26,6 +26,10 @@ from .nifti import Volume
 COARSE_X_STEP = 3  # the first pass of two reads every third sagittal slice
 BRAIN_MARGIN_MM = 12.0  # around the brain the first pass found
 PRECISIONS = ("auto", "float32", "bfloat16")
+# Test-time augmentation: the in-plane axes (rows, columns of a slice) mirrored in each view, for 1, 2 or 4 views.
+# The network was trained with both mirrors, so each view is a fair guess; their mean probability places the
+# boundary better (held-out heads: BENCHMARKS.md section 1).
+TTA_MIRRORS = {1: ((),), 2: ((), (2,)), 4: ((), (2,), (3,), (2, 3))}
 
 
 @dataclass(frozen=True)
@@ -80,25 +84,45 @@ def inference_dtype(device: torch.device, precision: str = "auto") -> torch.dtyp
     return torch.bfloat16 if device.type == "cpu" and bf16_supported() else torch.float32
 
 
+def check_tta(tta: int) -> int:
+    if tta not in TTA_MIRRORS:
+        raise InputError(f"test-time views must be one of {', '.join(map(str, TTA_MIRRORS))}, not {tta!r}")
+    return tta
+
+
 def predict_logits(
     unet: UNet2D,
     stack: np.ndarray,
     device: torch.device,
     batch_size: int | None = None,
     precision: str = "auto",
+    tta: int = 1,
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (start index, float32 logits) for consecutive batches of a (N, H, W) slice stack."""
+    """Yield (start index, float32 logits) for consecutive batches of a (N, H, W) slice stack.
+
+    With ``tta`` > 1 each slice is also read mirrored (:data:`TTA_MIRRORS`), in
+    the same forward pass, and the logits are those of the views' mean probability.
+    """
     unet = unet.to(device).eval()
     batch_size = batch_size or default_batch_size(device)
     dtype = inference_dtype(device, precision)
+    mirrors = TTA_MIRRORS[check_tta(tta)]
     if device.type == "cpu":
         unet = unet.to(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         for start in range(0, len(stack), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(stack[start : start + batch_size, None])).to(device)
+            n = len(x)
+            if len(mirrors) > 1:
+                x = torch.cat([x.flip(dims) if dims else x for dims in mirrors])
             if device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield start, unet(x)[:, 0].float().cpu().numpy()
+            out = unet(x).float()
+            if len(mirrors) > 1:
+                views = [out[i * n : (i + 1) * n] for i in range(len(mirrors))]
+                p = torch.stack([v.flip(d) if d else v for v, d in zip(views, mirrors, strict=True)]).sigmoid().mean(0)
+                out = torch.logit(p, eps=1e-6)
+            yield start, out[:, 0].cpu().numpy()
 
 
 def clean_mask(mask: np.ndarray, bridge_voxels: int = 2) -> np.ndarray:
@@ -164,6 +188,7 @@ def iter_segment(
     cleanup: bool = True,
     two_pass: bool = True,
     precision: str = "auto",
+    tta: int = 1,
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[SegmentProgress | Segmentation | None]:
     """Yield :class:`SegmentProgress` per batch, then the :class:`Segmentation` (or None if stopped).
@@ -172,10 +197,13 @@ def iter_segment(
     slice localises the brain in 3D (:func:`brain_box`), and the full pass runs
     on that box only: the network never sees the neck below it, so it cannot
     label it, and a scan with a long field of view costs fewer slices.
+    ``tta``: mirror views averaged in the full pass (1, 2 or 4; the first pass
+    only finds the box, so it reads each slice once).
     """
     start = time.perf_counter()
     torch_device = pick_device(device)
-    inference_dtype(torch_device, precision)  # a bad name fails before any work
+    inference_dtype(torch_device, precision)  # a bad name or view count fails before any work
+    check_tta(tta)
     unet = fold_batch_norms(apply_adapter(base, adapter))  # a copy: the base model is never touched
     geometry, scaled = plan(volume, base.intensity_scaling)
     count = _Count(total=geometry.n_slices, start=start)
@@ -191,7 +219,7 @@ def iter_segment(
             geometry = geometry.restricted(box)
             count.total = count.done + geometry.n_slices
     stack = geometry.to_model(scaled)
-    logits = yield from _predict(unet, stack, torch_device, batch_size, precision, count, should_stop)
+    logits = yield from _predict(unet, stack, torch_device, batch_size, precision, count, should_stop, tta)
     if logits is None:
         yield None
         return
@@ -213,10 +241,11 @@ def _predict(
     precision: str,
     count: _Count,
     should_stop: Callable[[], bool] | None,
+    tta: int = 1,
 ) -> Generator[SegmentProgress, None, np.ndarray | None]:
     """Logits of ``stack``, yielding progress per batch; None if ``should_stop`` said so."""
     logits = np.empty_like(stack)
-    for first, batch in predict_logits(unet, stack, device, batch_size, precision):
+    for first, batch in predict_logits(unet, stack, device, batch_size, precision, tta):
         logits[first : first + len(batch)] = batch
         count.done += len(batch)
         yield SegmentProgress(count.done, count.total, time.perf_counter() - count.start)

@@ -3,7 +3,7 @@
 Usage:
     python scripts/bench_heads.py --heads heads --eval MODEL HEAD [HEAD ...] [--eval MODEL HEAD ...]
                                   [--variants full single-pass no-cleanup] [--precisions float32 bfloat16]
-                                  [-o results.json]
+                                  [--tta 1 2 4] [-o results.json]
 
 ``heads`` is the folder ``scripts/prepare_heads.py`` writes; every HEAD is a
 folder of it (``t1.nii.gz`` scored against ``mask_consensus.nii.gz``), and its
@@ -13,7 +13,8 @@ does), ``single-pass`` (one pass over the whole head, clean-up), ``no-cleanup``
 (two passes, the thresholded probability as it is), ``bare`` (neither).
 Each variant runs in every one of ``--precisions`` (what the network computes
 in; ``auto`` as ``convlora segment`` picks it); a row after the first precision
-also counts the voxels where its mask differs from the first one's.
+also counts the voxels where its mask differs from the first one's. ``--tta``:
+the mirror views averaged per slice (``convlora segment --tta``), each count a row.
 Prints one line per (model, head, variant) and a Markdown table at the end.
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_convlora.inference import PRECISIONS, segment
+from napari_convlora.inference import PRECISIONS, TTA_MIRRORS, segment
 from napari_convlora.metrics import evaluate
 from napari_convlora.model import load_model
 from napari_convlora.nifti import load_mask, load_volume
@@ -50,6 +51,7 @@ def main() -> int:
     parser.add_argument("--eval", nargs="+", action="append", required=True, metavar="MODEL HEAD")
     parser.add_argument("--variants", nargs="+", default=["full"], choices=list(VARIANTS))
     parser.add_argument("--precisions", nargs="+", default=["auto"], choices=list(PRECISIONS))
+    parser.add_argument("--tta", nargs="+", type=int, default=[1], choices=list(TTA_MIRRORS))
     parser.add_argument("--no-peers", action="store_true", help="skip scoring deepbet / HD-BET")
     parser.add_argument("-o", "--output", type=Path)
     args = parser.parse_args()
@@ -61,9 +63,10 @@ def main() -> int:
             volume, gt = load_volume(folder / "t1.nii.gz"), load_mask(folder / "mask_consensus.nii.gz")
             for variant in args.variants:
                 first = None
-                for precision in args.precisions:
-                    result = segment(model, volume, device="cpu", precision=precision, **VARIANTS[variant])
+                for precision, tta in ((p, t) for p in args.precisions for t in args.tta):
+                    result = segment(model, volume, device="cpu", precision=precision, tta=tta, **VARIANTS[variant])
                     label = variant if len(args.precisions) == 1 else f"{variant}, {precision}"
+                    label += f", tta {tta}" if len(args.tta) > 1 else ""
                     row = {
                         "model": str(model_path),
                         "head": name,

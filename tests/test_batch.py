@@ -220,14 +220,19 @@ def test_batch_with_a_local_cluster_and_bad_arguments(tmp_path, small_path, mode
 
 
 @pytest.mark.parametrize("adapter", ["adapt", "auto", "none"])
-def test_one_scan_with_each_adapter_choice(tmp_path, small_path, model_file, monkeypatch, adapter):
-    """A task as a worker runs it (no cluster): adapt keeps an accepted adapter, auto names its pick."""
+@pytest.mark.parametrize("tta", [1, 2])
+def test_one_scan_with_each_adapter_choice(tmp_path, small_path, model_file, monkeypatch, adapter, tta):
+    """A task as a worker runs it (no cluster): adapt keeps an accepted adapter, auto names its pick; --tta counts."""
+    from napari_convlora import inference
     from napari_convlora.batch import Scan, process_scan
 
     monkeypatch.setenv("CONVLORA_HOME", str(tmp_path / "home"))
+    seen, predict = [], inference.predict_logits
+    monkeypatch.setattr(inference, "predict_logits", lambda *a: seen.append(a[5] if len(a) > 5 else 1) or predict(*a))
     scan = Scan("head4mm", str(small_path), str(tmp_path / "m.nii.gz"), None, adapter)
-    row = process_scan(scan, str(model_file), "cpu", 1, str(tmp_path / "adapters"))
+    row = process_scan(scan, str(model_file), "cpu", 1, str(tmp_path / "adapters"), tta)
     assert row["status"] == "ok", row["error"]
+    assert (2 in seen) == (tta == 2)  # the kept model's mask is made with the mirror views asked for
     assert load_mask(tmp_path / "m.nii.gz").data.shape == load_volume(small_path).data.shape
     if adapter == "adapt":  # the tiny random model's gate may go either way; both are answers
         kept = row["adapter"] != "none (adaptation refused by the gate)"

@@ -72,6 +72,24 @@ def test_segment_json(capsys, tmp_path, small_path, model_file):
     assert err.startswith("note: auto chose source") and "skipped" in err
 
 
+def test_segment_with_mirror_views_and_a_bad_count(capsys, tmp_path, small_path, model_file, monkeypatch):
+    from napari_convlora import inference
+
+    seen, predict = [], inference.predict_logits
+
+    def spy(*args):
+        seen.append(args[5] if len(args) > 5 else 1)
+        return predict(*args)
+
+    monkeypatch.setattr(inference, "predict_logits", spy)
+    code, _, err = run(capsys, "segment", small_path, "-o", tmp_path / "tta.nii.gz", "--model", model_file, "--tta", 4)
+    assert code == 0, err
+    assert seen == [1, 4]  # the first pass only finds the brain; the full pass reads four mirror views
+    code, _, err = run(capsys, "segment", small_path, "-o", tmp_path / "bad.nii.gz", "--model", model_file, "--tta", 3)
+    assert code == 2 and "--tta: invalid choice: 3" in err
+    assert not (tmp_path / "bad.nii.gz").exists()
+
+
 def test_adapt_to_library_then_segment_by_name(capsys, tmp_path, small_path, model_file):
     code, out, err = run(
         capsys,

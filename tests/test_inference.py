@@ -18,6 +18,7 @@ from napari_convlora.inference import (
     clean_mask,
     inference_dtype,
     iter_segment,
+    predict_logits,
     segment,
 )
 
@@ -142,3 +143,29 @@ def test_precision_choices(monkeypatch):
     assert inference_dtype(cpu, "auto") == torch.bfloat16
     with pytest.raises(InputError, match="unknown precision 'half'"):
         inference_dtype(cpu, "half")
+
+
+def test_mirror_views_average_the_mirrored_predictions(model, small_volume):
+    """--tta N: the logits are those of the mean probability over the N mirror images, each mapped back."""
+    unet = model.unet.eval()
+    geometry, scaled = plan(small_volume, model.intensity_scaling)
+    stack = geometry.to_model(scaled)[:6]
+    plain = np.concatenate([b for _, b in predict_logits(unet, stack, torch.device("cpu"), 4, "float32")])
+    with torch.inference_mode():
+        x = torch.from_numpy(stack[:, None])
+        views = [unet(x), unet(x.flip(2)).flip(2), unet(x.flip(3)).flip(3), unet(x.flip((2, 3))).flip((2, 3))]
+    probability = [v[:, 0].sigmoid().numpy() for v in views]
+    for tta, expected in ((2, np.mean(probability[:2], axis=0)), (4, np.mean(probability, axis=0))):
+        logits = np.concatenate([b for _, b in predict_logits(unet, stack, torch.device("cpu"), 4, "float32", tta)])
+        assert logits.shape == plain.shape
+        np.testing.assert_allclose(1 / (1 + np.exp(-logits)), expected, atol=1e-5)
+        assert not np.allclose(logits, plain, atol=1e-3)  # a random model is not mirror-symmetric: the views count
+
+
+def test_mirror_views_in_segment_and_bad_counts(model, small_volume):
+    one = segment(model, small_volume, device="cpu", cleanup=False)
+    four = segment(model, small_volume, device="cpu", cleanup=False, tta=4)
+    assert four.mask.shape == one.mask.shape and not np.allclose(four.probability, one.probability)
+    for bad in (0, 3, 8):
+        with pytest.raises(InputError, match="test-time views must be one of 1, 2, 4"):
+            segment(model, small_volume, device="cpu", tta=bad)

@@ -133,3 +133,23 @@ def test_the_widget_at_its_narrowest_shows_every_box_whole(make_napari_viewer_pr
     scroll = widget.findChild(QScrollArea)
     qtbot.waitUntil(lambda: scroll.viewport().width() <= widget.minimumWidth())
     assert scroll.viewport().width() >= widget.controls.minimumSizeHint().width()
+
+
+def test_the_command_carries_the_widgets_choices(panel, tmp_path, small_path, model_file):
+    """Adapter, device, model and test-time flips of the widget reach ``convlora batch`` (nothing is run)."""
+    box, _ = panel
+    folder, outdir = _scans(tmp_path, small_path, 1, broken=False)
+    widget = box.parent()
+    while not isinstance(widget, ConvLoRAWidget):
+        widget = widget.parent()
+    widget.controls.tta_combo.setCurrentIndex(widget.controls.tta_combo.findData(4))
+    box.input_edit.setText(str(folder))
+    box.output_edit.setText(str(outdir))
+    command, _, todo, _ = box._plan()
+    assert todo == 1
+
+    def value(flag: str) -> str:
+        return command[command.index(flag) + 1]
+
+    assert value("--adapter") == "none" and value("--device") == "cpu" and value("--tta") == "4"
+    assert value("--model") == str(model_file)

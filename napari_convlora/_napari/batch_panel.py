@@ -35,10 +35,11 @@ class BatchPanel(QGroupBox):
     """Input folder, output folder, Run / Cancel, a progress bar and a status line.
 
     ``options()`` gives what the widget's own choices say: the ``--adapter``
-    value for its adapter choice, the device, and the base model file or None.
+    value for its adapter choice, the device, the base model file or None, and
+    the test-time mirror views (``--tta``).
     """
 
-    def __init__(self, options: Callable[[], tuple[str, str, Path | None]], parent: QWidget | None = None) -> None:
+    def __init__(self, options: Callable[[], tuple[str, str, Path | None, int]], parent: QWidget | None = None) -> None:
         super().__init__("Batch: a folder of scans (convlora batch)", parent)
         self._options = options
         self.process: QProcess | None = None
@@ -140,7 +141,7 @@ class BatchPanel(QGroupBox):
         outdir = Path(out_text).expanduser().resolve()
         if outdir.exists() and not outdir.is_dir():
             raise InputError(f"{outdir}: is a file; give a folder for the masks")
-        adapter, device, model = self._options()
+        adapter, device, model, tta = self._options()
         adapter = "adapt" if self.adapt_check.isChecked() else adapter
         scans = plan_scans(str(folder), outdir, adapter)
         table = ResultsTable(outdir)
@@ -149,7 +150,7 @@ class BatchPanel(QGroupBox):
             raise InputError(f"{taken[0]}: already exists, not written by a batch run; choose another masks folder")
         todo = len(table.todo(scans))
         command = ["-m", "napari_convlora.cli", "batch", str(folder), "-o", str(outdir)]
-        command += ["--adapter", adapter, "--device", device, "--json"]
+        command += ["--adapter", adapter, "--device", device, "--tta", str(tta), "--json"]
         if model is not None:
             command += ["--model", str(model)]
         return command, outdir, todo, _row_count(outdir / RESULTS_CSV)

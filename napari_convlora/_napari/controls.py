@@ -78,6 +78,12 @@ class Controls(QWidget):
         self.adapter_combo = QComboBox()
         self.refresh_button = QPushButton("Refresh")
         self.errors_check = QCheckBox("add a surface errors layer (needs ground truth)")
+        self.tta_combo = QComboBox()  # test-time mirror views per slice: convlora segment --tta
+        for views, text in ((1, "off"), (2, "2 mirror views (~1.5x time)"), (4, "4 mirror views (~2.5x time)")):
+            self.tta_combo.addItem(text, views)
+        self.tta_combo.setToolTip(
+            "Average each slice's prediction over mirror images of it: more accurate boundaries, slower"
+        )
         self.segment_button = QPushButton("Segment")
         self.status = _label("ready")
         self.segment_progress = _progress_bar()
@@ -89,6 +95,7 @@ class Controls(QWidget):
         form.addRow(
             "library", _row(self.import_button, self.export_adapter_button, self.rename_button, self.remove_button)
         )
+        form.addRow("test-time flips", self.tta_combo)
         form.addRow(self.errors_check)
         form.addRow(self.segment_button)
         form.addRow(self.segment_progress)

@@ -276,11 +276,12 @@ class ConvLoRAWidget(QWidget):
             self.model_path = Path(path)
             self._show_model()
 
-    def _batch_options(self) -> tuple[str, str, Path | None]:
-        """What ``convlora batch`` gets from this widget: --adapter (the adapter choice), --device, --model."""
-        spec = self.controls.adapter_combo.currentData() or jobs.SOURCE_LABEL
+    def _batch_options(self) -> tuple[str, str, Path | None, int]:
+        """What ``convlora batch`` gets from this widget: --adapter (the adapter choice), --device, --model, --tta."""
+        c = self.controls
+        spec = c.adapter_combo.currentData() or jobs.SOURCE_LABEL
         adapter = {jobs.SOURCE_LABEL: "none", jobs.AUTO_LABEL: "auto"}.get(spec, spec)
-        return adapter, self.controls.device_combo.currentText(), self.model_path
+        return adapter, c.device_combo.currentText(), self.model_path, c.tta_combo.currentData()
 
     def _model(self) -> Path:
         return self.model_path if self.model_path is not None else default_model_path()
@@ -345,6 +346,7 @@ class ConvLoRAWidget(QWidget):
             volume,
             spec,
             device,
+            tta=c.tta_combo.currentData(),
             on_yield=self._on_segment_progress,
             on_return=lambda r: self._on_segmented(r, target),
             on_error=lambda e: self._on_error("segment", e, device),
