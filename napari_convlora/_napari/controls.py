@@ -79,7 +79,7 @@ class Controls(QWidget):
         self.refresh_button = QPushButton("Refresh")
         self.errors_check = QCheckBox("add a surface errors layer (needs ground truth)")
         self.tta_combo = QComboBox()  # test-time mirror views per slice: convlora segment --tta
-        for views, text in ((1, "off"), (2, "2 mirror views (~1.5x time)"), (4, "4 mirror views (~2.5x time)")):
+        for views, text in ((1, "off"), (2, "2 mirror views (~1.3x time)"), (4, "4 mirror views (~2.8x time)")):
             self.tta_combo.addItem(text, views)
         self.tta_combo.setToolTip(
             "Average each slice's prediction over mirror images of it: more accurate boundaries, slower"
