@@ -1,0 +1,85 @@
+"""Would adapting twice, with two objectives, and keeping the more confident mask help? Offline, from benchmark cells.
+
+Usage:
+    python scripts/probe_pick_objective.py RESULTS.json [RESULTS.json ...] [--max-methods 2]
+
+Reads the cells of ``convlora benchmark`` runs on one base model and head
+(several files are merged: their source cells are the same), and for every
+set of up to ``--max-methods`` adapted methods applies one rule per cell: of
+the masks whose mask confidence beats the source model's by the gate's margin,
+keep the most confident; if none does, the source model's. Prints, per set,
+the recovered share of the gap (as the benchmark computes it, over profiles
+with a gap of at least ``MIN_GAP``, stress profiles left out), the worst and
+mean change against the source model. Nothing is run again: the figures come
+from the cells' stored surface Dice and confidences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from napari_convlora.benchmark import MIN_GAP, PROFILES, SOURCE_PROFILE
+from napari_convlora.selection import GATE_MARGINS
+
+
+def load_cells(paths: list[Path]) -> dict[tuple[str, int, str], dict]:
+    cells = {}
+    for path in paths:
+        for cell in json.loads(path.read_text())["cells"]:
+            cells[cell["profile"], cell["seed"], cell["method"]] = cell
+    return cells
+
+
+def pick(cells: dict, methods: tuple[str, ...]) -> tuple[float, float, float]:
+    """(recovered share, worst change, mean change) of keeping the most confident accepted mask per cell."""
+    margin = GATE_MARGINS["confidence"]
+    scans = sorted({(p, s) for p, s, m in cells if m == "source" and not PROFILES[p].stress})
+    change: dict[str, list[float]] = {}
+    for profile, seed in scans:
+        source = cells[profile, seed, "source"]
+        passed = [
+            cells[profile, seed, m]
+            for m in methods
+            if (profile, seed, m) in cells and cells[profile, seed, m]["confidence"] > source["confidence"] + margin
+        ]
+        kept = max(passed, key=lambda c: c["confidence"]) if passed else source
+        change.setdefault(profile, []).append(kept["surface_dice"] - source["surface_dice"])
+    shares = []
+    for profile, deltas in change.items():
+        if profile == SOURCE_PROFILE:
+            continue
+        seeds = [s for p, s in scans if p == profile]
+        gap = np.mean(
+            [
+                cells[SOURCE_PROFILE, s, "source"]["surface_dice"] - cells[profile, s, "source"]["surface_dice"]
+                for s in seeds
+            ]
+        )
+        if gap >= MIN_GAP:
+            shares.append(np.mean(deltas) / gap)
+    every = [d for deltas in change.values() for d in deltas]
+    return float(np.mean(shares)), float(min(every)), float(np.mean(every))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", type=Path)
+    parser.add_argument("--max-methods", type=int, default=2)
+    args = parser.parse_args()
+    cells = load_cells(args.results)
+    methods = sorted({m for _, _, m in cells} - {"source"})
+    print("| methods | recovered share with the gate | worst vs source | mean change |\n|---|---|---|---|")
+    for k in range(1, args.max_methods + 1):
+        for combo in itertools.combinations(methods, k):
+            share, worst, mean = pick(cells, combo)
+            print(f"| {' + '.join(combo)} | {share:.0%} | {worst:+.3f} | {mean:+.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
