@@ -56,6 +56,10 @@ def _positive_float(text: str) -> float:
     return _number(text, float, math.ulp(0.0), what="a positive number")
 
 
+def _non_negative_float(text: str) -> float:
+    return _number(text, float, 0.0, what="a number of at least 0")
+
+
 def _seed(text: str) -> int:
     return _number(text, int, 0, 2**32, what="a whole number from 0 to 2**32 - 1")
 
@@ -65,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .adapters import ADAPTER_KINDS
     from .device import DEVICE_CHOICES
     from .geometry import INTENSITY_SCALINGS
-    from .inference import PRECISIONS, TTA_MIRRORS
+    from .inference import PRECISIONS, SMOOTH_MM, TTA_MIRRORS
     from .objectives import OBJECTIVES
     from .selection import DEFAULT_GATE, GATES
 
@@ -101,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(TTA_MIRRORS),
         help="test-time augmentation: average each slice over 1 (off), 2 or 4 mirror images; "
         "more accurate boundaries, about that many times the network time (BENCHMARKS.md section 1)",
+    )
+    p.add_argument(
+        "--smooth",
+        type=_non_negative_float,
+        default=SMOOTH_MM,
+        metavar="MM",
+        help=f"Gaussian sigma in mm on the probability before the threshold (default {SMOOTH_MM:g}; 0: off)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -328,6 +339,7 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         "two_pass": not args.single_pass,
         "precision": args.precision,
         "tta": args.tta,
+        "smooth_mm": args.smooth,
     }
     auto = checked = None
     if args.adapter == "auto":

@@ -8,9 +8,10 @@ Usage:
 ``heads`` is the folder ``scripts/prepare_heads.py`` writes; every HEAD is a
 folder of it (``t1.nii.gz`` scored against ``mask_consensus.nii.gz``), and its
 ``mask_deepbet`` / ``mask_hdbet``, where present, are scored the same way as
-the peers. Variants: ``full`` (two passes, clean-up: what ``convlora segment``
-does), ``single-pass`` (one pass over the whole head, clean-up), ``no-cleanup``
-(two passes, the thresholded probability as it is), ``bare`` (neither).
+the peers. Variants: ``full`` (two passes, smoothing, clean-up: what ``convlora segment``
+does), ``single-pass`` (one pass over the whole head), ``no-cleanup`` (no 3D
+clean-up), ``no-smoothing`` (the network's probability thresholded as it is),
+``bare`` (one pass, no smoothing, no clean-up).
 Each variant runs in every one of ``--precisions`` (what the network computes
 in; ``auto`` as ``convlora segment`` picks it); a row after the first precision
 also counts the voxels where its mask differs from the first one's. ``--tta``:
@@ -36,7 +37,8 @@ VARIANTS = {
     "full": {"two_pass": True, "cleanup": True},
     "single-pass": {"two_pass": False, "cleanup": True},
     "no-cleanup": {"two_pass": True, "cleanup": False},
-    "bare": {"two_pass": False, "cleanup": False},
+    "no-smoothing": {"two_pass": True, "cleanup": True, "smooth_mm": 0.0},
+    "bare": {"two_pass": False, "cleanup": False, "smooth_mm": 0.0},
 }
 
 

@@ -90,6 +90,22 @@ def test_segment_with_mirror_views_and_a_bad_count(capsys, tmp_path, small_path,
     assert not (tmp_path / "bad.nii.gz").exists()
 
 
+def test_segment_smoothing_option(capsys, tmp_path, small_path, model_file, monkeypatch):
+    from napari_convlora import inference
+
+    seen, smooth = [], inference.smooth_stack
+    monkeypatch.setattr(inference, "smooth_stack", lambda s, g, mm: seen.append(mm) or smooth(s, g, mm))
+    for extra, expected in (([], [2.0]), (["--smooth", "0"], []), (["--smooth", "3.5"], [3.5])):
+        seen.clear()
+        out = tmp_path / "m.nii.gz"
+        code, _, err = run(capsys, "segment", small_path, "-o", out, "--model", model_file, "--overwrite", *extra)
+        assert code == 0 and seen == expected, err
+    code, _, err = run(
+        capsys, "segment", small_path, "-o", tmp_path / "n.nii.gz", "--model", model_file, "--smooth", "-1"
+    )
+    assert code == 2 and "--smooth: must be a number of at least 0" in err and not (tmp_path / "n.nii.gz").exists()
+
+
 def test_adapt_to_library_then_segment_by_name(capsys, tmp_path, small_path, model_file):
     code, out, err = run(
         capsys,

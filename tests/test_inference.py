@@ -12,6 +12,7 @@ from napari_convlora.errors import InputError
 from napari_convlora.geometry import plan
 from napari_convlora.inference import (
     BRAIN_MARGIN_MM,
+    SMOOTH_MM,
     Segmentation,
     SegmentProgress,
     brain_box,
@@ -20,6 +21,7 @@ from napari_convlora.inference import (
     iter_segment,
     predict_logits,
     segment,
+    smooth_stack,
 )
 
 from .test_adapt import QUICK
@@ -169,3 +171,32 @@ def test_mirror_views_in_segment_and_bad_counts(model, small_volume):
     for bad in (0, 3, 8):
         with pytest.raises(InputError, match="test-time views must be one of 1, 2, 4"):
             segment(model, small_volume, device="cpu", tta=bad)
+
+
+def test_smoothing_removes_a_thin_spike_and_keeps_a_solid_block(small_volume):
+    """The probability is smoothed in mm along every axis: a one-slice spike goes, a block's core stays."""
+    geometry, _ = plan(small_volume, "tissue")
+    n, h, w = geometry.n_slices, geometry.crop[1] - geometry.crop[0], geometry.crop[3] - geometry.crop[2]
+    stack = np.zeros((n, h, w), np.float32)
+    stack[n // 4 : 3 * n // 4, h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1.0
+    stack[n // 2, 3 * h // 4 :, w // 2] = 1.0  # a spike one voxel thin out of the block
+    smoothed = smooth_stack(stack.copy(), geometry, SMOOTH_MM)
+    assert smoothed.shape == stack.shape and smoothed.dtype == np.float32
+    assert smoothed[n // 2, h - 2, w // 2] < 0.5  # the spike's far end is gone
+    assert smoothed[n // 2, h // 2, w // 2] > 0.99  # the block's core is not
+    assert abs((smoothed > 0.5).sum() / (stack > 0.5).sum() - 1) < 0.15  # the block keeps about its size
+
+
+def test_segment_smooths_what_it_thresholds_not_the_probability(model, small_volume, monkeypatch):
+    from napari_convlora import inference
+
+    calls = []
+    monkeypatch.setattr(inference, "smooth_stack", lambda s, g, mm: calls.append(mm) or np.zeros_like(s))
+    raw = segment(model, small_volume, device="cpu", cleanup=False, smooth_mm=0)
+    assert calls == [] and np.array_equal(raw.mask, (raw.probability > 0.5).astype(np.uint8))
+    smoothed = segment(model, small_volume, device="cpu", cleanup=False)
+    assert calls == [SMOOTH_MM] and not smoothed.mask.any()  # the mask is the smoothed stack's (zeros here)
+    np.testing.assert_array_equal(smoothed.probability, raw.probability)  # what the gates score stays the network's
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="smoothing must be 0 or more mm"):
+            segment(model, small_volume, device="cpu", smooth_mm=bad)
