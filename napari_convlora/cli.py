@@ -976,7 +976,7 @@ def keep_freed_memory() -> None:
     maps each anew and unmaps it on free, so every one costs page faults
     again: on the development VM touching 50 MB of fresh memory took 248 ms,
     the same memory reused 6 ms. ``convlora segment`` on ds000031, five runs
-    each, interleaved: median 6.07 s with this, 6.44 s without, peak memory
+    each, interleaved: median 5.54 s with this, 6.20 s without, peak memory
     the same (BENCHMARKS.md section 4). Only for the command line's
     short-lived process: the widget's worker process lives on and would keep
     its peak. Does nothing where the C library is not glibc.

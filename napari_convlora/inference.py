@@ -116,14 +116,13 @@ def predict_logits(
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         for start in range(0, len(stack), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(stack[start : start + batch_size, None])).to(device)
-            n = len(x)
             if len(mirrors) > 1:
                 x = torch.cat([x.flip(dims) if dims else x for dims in mirrors])
             if device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
             out = unet(x).float()
             if len(mirrors) > 1:
-                views = [out[i * n : (i + 1) * n] for i in range(len(mirrors))]
+                views = out.chunk(len(mirrors))  # each view mirrored back before the mean
                 p = torch.stack([v.flip(d) if d else v for v, d in zip(views, mirrors, strict=True)]).sigmoid().mean(0)
                 out = torch.logit(p, eps=1e-6)
             yield start, out[:, 0].cpu().numpy()

@@ -26,6 +26,7 @@ import numpy as np
 from nibabel import orientations
 from scipy import ndimage
 
+from napari_convlora.geometry import to_ras_order
 from napari_convlora.inference import segment
 from napari_convlora.model import load_model
 from napari_convlora.nifti import load_mask, load_volume
@@ -36,14 +37,6 @@ AXES = ("L", "R", "P", "A", "I", "S")  # the side of the brain the surface faces
 def to_ras(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
     ornt = orientations.io_orientation(affine)
     return orientations.apply_orientation(data, orientations.ornt_transform(ornt, orientations.axcodes2ornt("RAS")))
-
-
-def ras_spacing(affine: np.ndarray, spacing) -> np.ndarray:
-    ornt = orientations.io_orientation(affine)
-    out = np.empty(3)
-    for file_axis, (ras_axis, _) in enumerate(ornt):
-        out[int(ras_axis)] = spacing[file_axis]
-    return out
 
 
 def boundary(mask: np.ndarray) -> np.ndarray:
@@ -88,7 +81,7 @@ def main() -> int:
         for name in names:
             volume = load_volume(args.heads / name / "t1.nii.gz")
             label = load_mask(args.heads / name / "mask_consensus.nii.gz")
-            spacing = ras_spacing(volume.affine, volume.spacing)
+            spacing = to_ras_order(volume.spacing, volume.affine)
             gt = to_ras(label.data > 0, volume.affine)
             masks = {"convlora": segment(model, volume, precision="float32").mask > 0}
             if args.peers and (args.heads / name / "mask_deepbet.nii.gz").exists():
