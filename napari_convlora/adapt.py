@@ -73,6 +73,7 @@ from .selection import (
     mask_confidence,
 )
 from .shape_prior import ShapePrior, slice_positions
+from .standardize import IntensityReference
 
 # Weight of the MoE load-balancing loss (summed over layers) against the self-training BCE: the
 # value of Shazeer et al. and of the Conv-LoRA code. It only keeps experts in use; the gate learns from it alone.
@@ -98,6 +99,7 @@ class AdaptConfig:
     selection: str = "consistency"  # epoch kept: best perturbation consistency, or "agreement" (the paper's)
     gate: str = DEFAULT_GATE  # the do-no-harm gate's score: see selection.GATES
     gate_margin: float | None = None  # accepted if the gate's score beats the source model's by this (None: per gate)
+    standardize: bool = False  # adapt on standardised slices (napari_convlora.standardize); the adapter says so
 
     def check(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -286,8 +288,9 @@ def adapt(
     prior = None
     if config.objective in PRIOR_OBJECTIVES:  # before any work: a model without a prior cannot do these
         prior = ShapePrior.of_model(base)
+    reference = IntensityReference.of_model(base) if config.standardize else None
     device = pick_device(config.device)
-    geometry, scaled = plan(volume, base.intensity_scaling)
+    geometry, scaled = plan(volume, base.intensity_scaling, reference)
     stack = geometry.to_model(scaled)
     indices = slices_for(stack, config)
     positions = slice_positions(indices, len(stack))
@@ -388,6 +391,7 @@ def adapt(
         lr=config.lr,
         batch_size=config.batch_size,
         adabn=config.adabn,
+        standardize=config.standardize,
         seed=config.seed,
         objective=config.objective,
         selection=config.selection,

@@ -362,6 +362,11 @@ class Adapter:
         return str(self.metadata.get("base_model_id", ""))
 
     @property
+    def standardizes(self) -> bool:
+        """Adapted on standardised slices (:mod:`napari_convlora.standardize`): a scan is standardised for it too."""
+        return bool(self.metadata.get("standardize", False))
+
+    @property
     def trainable_parameters(self) -> int:
         return int(sum(t.numel() for k, t in self.tensors.items() if k.rpartition(".")[2] in TRAINABLE_TENSORS))
 

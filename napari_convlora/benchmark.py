@@ -60,6 +60,7 @@ from .objectives import PRIOR_OBJECTIVES
 from .selection import GATE_MARGIN, GATE_MARGINS, accepted, consistency, mask_confidence
 from .shape_prior import ShapePrior
 from .simulate import PROFILES, SOURCE_PROFILE, simulate
+from .standardize import IntensityReference
 from .training import segmentation_loss
 
 METHODS: dict[str, str] = {
@@ -79,7 +80,10 @@ METHODS: dict[str, str] = {
     "moe+adabn": "Conv-LoRA with a mixture of scale experts (MoE) + AdaBN self-training",
     "full-ft": "full fine-tuning of the U-Net on its own thresholded predictions (pseudo-labels)",
     "oracle": "full fine-tuning of the U-Net on the true labels of the same slices (upper bound)",
+    "standardize": "source model on the scan's intensities standardised to its training heads'; nothing trained",
+    "standardize+convlora+adabn": "ConvLoRA + AdaBN (as convlora+adabn) on standardised slices",
 }
+STANDARDIZED = "standardize+"  # a method name that starts so runs the adapter method after it on standardised slices
 ORACLE_EPOCH_FACTOR = 4  # the oracle trains 4x the epochs (at 1e-3 instead of 1e-4 it wrecked the model: 0.24)
 # A profile counts as a domain gap when the source model loses at least this much surface Dice on it (the
 # issue's floor). Shares of smaller gaps are noise: a 0.005 gap, within one seed's sd, turned a 0.04 loss into -800%.
@@ -112,6 +116,7 @@ class Adapted:
     trainable_parameters: int
     seconds: float
     agreement: float | None = None
+    standardize: bool = False  # the scan is standardised before this model reads it (napari_convlora.standardize)
 
 
 # Adapter methods: (kind, objective, AdaBN, epoch selection).
@@ -188,16 +193,29 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
     start = time.perf_counter()
     if method == "source":
         return Adapted(base, 0, 0.0)
-    if method in ADAPTER_METHODS:
-        kind, objective, adabn, selection = ADAPTER_METHODS[method]
+    if method == "standardize":
+        IntensityReference.of_model(base)  # the landmarks are read when the scan is segmented
+        return Adapted(base, 0, 0.0, standardize=True)
+    standardized = method.startswith(STANDARDIZED)
+    if method.removeprefix(STANDARDIZED) in ADAPTER_METHODS:
+        kind, objective, adabn, selection = ADAPTER_METHODS[method.removeprefix(STANDARDIZED)]
         # gates are applied after the fact from every cell's scores (gate_summary): no extra segmentations here
-        settings = replace(config, kind=kind, objective=objective, adabn=adabn, selection=selection, gate="consistency")
+        settings = replace(
+            config,
+            kind=kind,
+            objective=objective,
+            adabn=adabn,
+            selection=selection,
+            gate="consistency",
+            standardize=standardized,
+        )
         done = run_adaptation(base, volume, settings, name=method)
         return Adapted(
             _with_unet(base.copy(), apply_adapter(base, done.adapter)),
             done.adapter.trainable_parameters,
             done.seconds,
             done.agreements[done.best_epoch - 1],
+            standardize=standardized,
         )
     device = pick_device(config.device)
     geometry, indices, images = target_slices(base, volume, config)
@@ -250,8 +268,12 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
 def target_slices(
     base: BaseModel, volume: Volume, config: AdaptConfig
 ) -> tuple[SliceGeometry, list[int], torch.Tensor]:
-    """The unlabeled slices every method adapts on (as :func:`napari_convlora.adapt.adapt` picks them), on the CPU."""
-    geometry, scaled = plan(volume, base.intensity_scaling)
+    """The unlabeled slices every method adapts on (as :func:`napari_convlora.adapt.adapt` picks them), on the CPU.
+
+    Standardised (:mod:`napari_convlora.standardize`) when ``config.standardize`` says so.
+    """
+    reference = IntensityReference.of_model(base) if config.standardize else None
+    geometry, scaled = plan(volume, base.intensity_scaling, reference)
     stack = geometry.to_model(scaled)
     indices = slices_for(stack, config)
     return geometry, indices, torch.from_numpy(stack[indices][:, None].copy())
@@ -275,8 +297,10 @@ def run_benchmark(
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[Cell]:
     """Yield one :class:`Cell` per (profile, seed, method) not already in ``done``."""
-    if any(ADAPTER_METHODS.get(m, ("", ""))[1] in PRIOR_OBJECTIVES for m in methods):  # before any cell
-        ShapePrior.of_model(base)
+    if any(ADAPTER_METHODS.get(m.removeprefix(STANDARDIZED), ("", ""))[1] in PRIOR_OBJECTIVES for m in methods):
+        ShapePrior.of_model(base)  # before any cell
+    if any(m == "standardize" or m.startswith(STANDARDIZED) for m in methods):
+        IntensityReference.of_model(base)
     finished = {(c.profile, c.seed, c.method) for c in done}
     for seed in seeds:
         for profile in profiles:
@@ -289,15 +313,21 @@ def run_benchmark(
             source_score = consistency(base.unet, images, config.batch_size)
             source_agreement = early_agreement(base, base, geometry, images)
             source_confidence = None
+            standardized_slices = None
             for method in todo:
                 if should_stop is not None and should_stop():
                     return
                 adapted = adapt_with(base, scan, reference, method, replace(config, seed=seed))
-                score = consistency(adapted.model.unet, images, config.batch_size)
+                seen = geometry, images  # the slices this model reads: standardised if it standardises
+                if adapted.standardize:
+                    if standardized_slices is None:
+                        standardized_slices = target_slices(base, scan, replace(config, seed=seed, standardize=True))
+                    seen = standardized_slices[0], standardized_slices[2]
+                score = consistency(adapted.model.unet, seen[1], config.batch_size)
                 agreed = adapted.agreement
                 if agreed is None:
-                    agreed = early_agreement(adapted.model, base, geometry, images)
-                result = segment(adapted.model, scan, device=config.device)
+                    agreed = early_agreement(adapted.model, base, *seen)
+                result = segment(adapted.model, scan, device=config.device, standardize=adapted.standardize)
                 scores = evaluate(result.mask, reference.data, scan.spacing, tolerance_mm)
                 confidence = round(mask_confidence(result.probability, result.mask), 5)
                 if method == "source":

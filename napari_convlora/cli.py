@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MM",
         help=f"Gaussian sigma in mm on the probability before the threshold (default {SMOOTH_MM:g}; 0: off)",
     )
+    p.add_argument("--standardize", action="store_true", help=STANDARDIZE_HELP)
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -136,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-adabn",
         action="store_true",
         help="keep the source model's batch-norm statistics (adapters alone; see BENCHMARKS.md for when it helps)",
+    )
+    p.add_argument(
+        "--standardize",
+        action="store_true",
+        help="adapt on slices standardised as `segment --standardize` does; the adapter then standardises every scan",
     )
     p.add_argument(
         "--objective",
@@ -340,6 +346,7 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         "precision": args.precision,
         "tta": args.tta,
         "smooth_mm": args.smooth,
+        "standardize": args.standardize,
     }
     auto = checked = None
     if args.adapter == "auto":
@@ -457,6 +464,7 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
         objective=args.objective,
         selection=args.selection,
         gate=args.gate,
+        standardize=args.standardize,
     )
     config.check()
     volume = load_volume(args.input)
@@ -856,6 +864,10 @@ def cmd_gui(args: argparse.Namespace) -> dict:
     raise SystemExit(EXIT_OK)
 
 
+STANDARDIZE_HELP = (
+    "map the scan's intensity histogram (nine percentiles of the head) onto the model's training heads' before "
+    "the network reads it: no training, helps on scanners with another contrast (BENCHMARKS.md section 2)"
+)
 COMMANDS = {
     "segment": cmd_segment,
     "adapt": cmd_adapt,

@@ -23,6 +23,7 @@ from skimage.filters import threshold_otsu
 
 from .morphology import opening
 from .nifti import Volume
+from .standardize import IntensityReference, standardize
 
 PLANE_SPACING_MM = 1.0
 MULTIPLE = 8
@@ -224,8 +225,13 @@ def to_ras_order(per_file_axis, affine: np.ndarray) -> np.ndarray:
     return out
 
 
-def plan(volume: Volume, scaling: str = LEGACY_SCALING) -> tuple[SliceGeometry, np.ndarray]:
-    """Plan the slicing of ``volume``; return the geometry and the RAS volume scaled by ``scaling``."""
+def plan(
+    volume: Volume, scaling: str = LEGACY_SCALING, reference: IntensityReference | None = None
+) -> tuple[SliceGeometry, np.ndarray]:
+    """Plan the slicing of ``volume``; return the geometry and the RAS volume scaled by ``scaling``.
+
+    With a ``reference`` the scaled volume is also standardised to it (:mod:`napari_convlora.standardize`).
+    """
     ornt = orientations.io_orientation(volume.affine)
     ras = orientations.apply_orientation(
         volume.data, orientations.ornt_transform(ornt, orientations.axcodes2ornt("RAS"))
@@ -252,6 +258,8 @@ def plan(volume: Volume, scaling: str = LEGACY_SCALING) -> tuple[SliceGeometry, 
         x_range=box[0],
         crop=(0, 0, 0, 0),
     )
+    if reference is not None:  # after the head is found: standardising changes intensities, never the geometry
+        standardize(scaled, reference)
     return geometry.restricted(box), scaled
 
 

@@ -23,6 +23,7 @@ from .geometry import SliceGeometry, plan
 from .model import BaseModel, UNet2D, fold_batch_norms
 from .morphology import dilate_cube, fill_holes, largest_component, opening
 from .nifti import Volume
+from .standardize import IntensityReference
 
 COARSE_X_STEP = 3  # the first pass of two reads every third sagittal slice
 BRAIN_MARGIN_MM = 12.0  # around the brain the first pass found
@@ -182,6 +183,13 @@ def brain_box(geometry: SliceGeometry, coarse: np.ndarray, x_step: int) -> tuple
     )
 
 
+def input_reference(base: BaseModel, adapter: Adapter | None, standardize: bool) -> IntensityReference | None:
+    """The landmarks a scan is standardised to before ``base`` (with ``adapter``) reads it, or None."""
+    if standardize or (adapter is not None and adapter.standardizes):
+        return IntensityReference.of_model(base)
+    return None
+
+
 def iter_segment(
     base: BaseModel,
     volume: Volume,
@@ -193,6 +201,7 @@ def iter_segment(
     precision: str = "auto",
     tta: int = 1,
     smooth_mm: float = SMOOTH_MM,
+    standardize: bool = False,
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[SegmentProgress | Segmentation | None]:
     """Yield :class:`SegmentProgress` per batch, then the :class:`Segmentation` (or None if stopped).
@@ -204,7 +213,10 @@ def iter_segment(
     ``tta``: mirror views averaged in the full pass (1, 2 or 4; the first pass
     only finds the box, so it reads each slice once). ``smooth_mm``: the
     Gaussian (sigma in mm) the mask's probability is smoothed with before the
-    threshold; 0 thresholds the network's probability as it is.
+    threshold; 0 thresholds the network's probability as it is. ``standardize``:
+    map the scan's intensity landmarks onto the model's training heads'
+    (:mod:`napari_convlora.standardize`); an adapter adapted on standardised
+    slices standardises whatever this says.
     """
     start = time.perf_counter()
     torch_device = pick_device(device)
@@ -212,8 +224,9 @@ def iter_segment(
     check_tta(tta)
     if not (np.isfinite(smooth_mm) and smooth_mm >= 0):
         raise InputError(f"the smoothing must be 0 or more mm, not {smooth_mm!r}")
+    reference = input_reference(base, adapter, standardize)  # before any work: the model may have none
     unet = fold_batch_norms(apply_adapter(base, adapter))  # a copy: the base model is never touched
-    geometry, scaled = plan(volume, base.intensity_scaling)
+    geometry, scaled = plan(volume, base.intensity_scaling, reference)
     count = _Count(total=geometry.n_slices, start=start)
     if two_pass:
         coarse = geometry.to_model(scaled, x_step=COARSE_X_STEP)

@@ -35,6 +35,7 @@ from .errors import InputError
 from .files import atomic_write
 from .geometry import INTENSITY_SCALINGS, LEGACY_SCALING
 from .shape_prior import METADATA_KEY as PRIOR_KEY
+from .standardize import METADATA_KEY as LANDMARKS_KEY
 
 MODEL_FORMAT = "convlora-model"
 MODEL_FORMAT_VERSION = 1
@@ -234,8 +235,9 @@ def save_model(model: BaseModel, path: str | os.PathLike, training: dict | None 
         "model_id": model_id,
         "training": training if training is not None else model.metadata.get("training", {}),
     }
-    if PRIOR_KEY in model.metadata:  # napari_convlora.shape_prior: learnt from the training masks
-        metadata[PRIOR_KEY] = model.metadata[PRIOR_KEY]
+    for key in (PRIOR_KEY, LANDMARKS_KEY):  # the size prior and the intensity landmarks of the training heads
+        if key in model.metadata:
+            metadata[key] = model.metadata[key]
     text = json.dumps(metadata)
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: text}), overwrite=overwrite)
     return model_id

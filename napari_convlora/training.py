@@ -43,6 +43,8 @@ from .model import METADATA_KEY, BaseModel, build_model
 from .nifti import load_mask, load_volume
 from .shape_prior import METADATA_KEY as PRIOR_KEY
 from .shape_prior import learn_shape_prior
+from .standardize import METADATA_KEY as LANDMARKS_KEY
+from .standardize import head_landmarks, learn_reference
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Head:
     images: np.ndarray
     masks: np.ndarray
     intensity_scaling: str
+    landmarks: np.ndarray | None = None  # standardize.head_landmarks of the scaled volume (None: no head found)
 
 
 def load_heads(pairs: Sequence[tuple[Path, Path]], intensity_scaling: str = "tissue") -> list[Head]:
@@ -94,7 +97,7 @@ def load_heads(pairs: Sequence[tuple[Path, Path]], intensity_scaling: str = "tis
         geometry, scaled = plan(volume, intensity_scaling)
         images = geometry.to_model(scaled)
         masks = geometry.to_model(geometry.to_ras(mask.data).astype(np.float32)) > 0.5
-        heads.append(Head(images, masks.astype(np.float32), intensity_scaling))
+        heads.append(Head(images, masks.astype(np.float32), intensity_scaling, head_landmarks(scaled)))
     return heads
 
 
@@ -360,4 +363,5 @@ def train_source(
         moments = {}
     model.eval()
     model.metadata[PRIOR_KEY] = learn_shape_prior([h.masks for h in heads]).as_metadata()
+    model.metadata[LANDMARKS_KEY] = learn_reference([h.landmarks for h in heads]).as_metadata()
     yield TrainDone(model.copy().eval(), time.perf_counter() - start)

@@ -1,13 +1,15 @@
-"""Add the size prior (napari_convlora.shape_prior) to a model trained before ``train-source`` wrote one.
+"""Add the size prior and the intensity landmarks to a model trained before ``train-source`` wrote them.
 
 Usage: python scripts/add_shape_prior.py MODEL --heads heads -o OUT [--overwrite]
 
-The prior is learnt from the very masks the model was trained on: the heads its
+The size prior (napari_convlora.shape_prior) is learnt from the very masks the
+model was trained on, the intensity landmarks (napari_convlora.standardize) from
+the same heads' T1 volumes: the heads its
 metadata lists (``training.data``), found by name under ``--heads`` (the folder
 ``scripts/prepare_heads.py`` writes), each checked against the SHA-256 the
 metadata recorded (the mask file's bytes; the T1's decompressed bytes, as the
 training read it) before it is used. The weights are written unchanged, so the
-model id stays the same (checked). Prints the model id and the prior.
+model id stays the same (checked). Prints the model id, the prior and the landmarks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 from napari_convlora.errors import InputError
 from napari_convlora.model import load_model, save_model
 from napari_convlora.shape_prior import METADATA_KEY, learn_shape_prior
+from napari_convlora.standardize import METADATA_KEY as LANDMARKS_KEY
+from napari_convlora.standardize import learn_reference
 from napari_convlora.training import load_heads
 
 
@@ -63,8 +67,10 @@ def main() -> int:
         model = load_model(args.model)
         before = model.model_id
         pairs = training_pairs(model.metadata, args.heads)
-        prior = learn_shape_prior([head.masks for head in load_heads(pairs, model.intensity_scaling)])
+        heads = load_heads(pairs, model.intensity_scaling)
+        prior = learn_shape_prior([head.masks for head in heads])
         model.metadata[METADATA_KEY] = prior.as_metadata()
+        model.metadata[LANDMARKS_KEY] = learn_reference([head.landmarks for head in heads]).as_metadata()
         after = save_model(model, args.output, overwrite=args.overwrite)
     except (InputError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -79,6 +85,7 @@ def main() -> int:
                 "model_id": after,
                 "heads": [str(t1.parent.name) for t1, _ in pairs],
                 METADATA_KEY: prior.as_metadata(),
+                LANDMARKS_KEY: model.metadata[LANDMARKS_KEY],
             },
             indent=1,
         )

@@ -14,10 +14,12 @@ import pytest
 import torch
 from nibabel.processing import resample_to_output
 
-from napari_convlora.model import build_model, save_model
+from napari_convlora.library import default_model_path
+from napari_convlora.model import build_model, load_model, save_model
 from napari_convlora.nifti import Volume, load_volume
 from napari_convlora.shape_prior import METADATA_KEY as PRIOR_KEY
 from napari_convlora.shape_prior import learn_shape_prior
+from napari_convlora.standardize import METADATA_KEY as LANDMARKS_KEY
 from napari_convlora.training import load_heads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,10 +68,13 @@ def model():
 
 @pytest.fixture(scope="session")
 def model_file(tmp_path_factory, small_path, small_mask_path) -> Path:
-    """Random weights, with the size prior ``train-source`` would write (from the small head's mask)."""
+    """Random weights, with the size prior ``train-source`` would write (the small head's) and intensity landmarks."""
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     model = make_model()
-    model.metadata[PRIOR_KEY] = learn_shape_prior([load_heads([(small_path, small_mask_path)])[0].masks]).as_metadata()
+    head = load_heads([(small_path, small_mask_path)])[0]
+    model.metadata[PRIOR_KEY] = learn_shape_prior([head.masks]).as_metadata()
+    # the shipped model's landmarks (its eight heads), not the small head's own: standardising must change it
+    model.metadata[LANDMARKS_KEY] = load_model(default_model_path()).metadata[LANDMARKS_KEY]
     save_model(model, path, training={"command": "tests: random weights"})
     return path
 

@@ -83,6 +83,21 @@ def test_a_source_segmentation_is_made_once_for_segment_and_the_gate(tmp_path, m
     assert result.done.gate_source_score == pytest.approx(source_confidence, abs=1e-4)
 
 
+def test_standardising_neither_uses_nor_replaces_the_remembered_source(tmp_path, monkeypatch, model_file, small_volume):
+    import numpy as np
+
+    monkeypatch.setenv("CONVLORA_HOME", str(tmp_path))
+    jobs._SOURCE.clear()
+    _, plain = drive(jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event()))
+    remembered = jobs.known_source(model_file, small_volume, "cpu")
+    reports, standardized = drive(
+        jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event(), standardize=True)
+    )
+    assert reports and standardized.note.endswith("intensities standardised")
+    assert not np.allclose(standardized.segmentation.probability, plain.segmentation.probability)
+    assert jobs.known_source(model_file, small_volume, "cpu") is remembered
+
+
 def test_mirror_views_neither_use_nor_replace_the_remembered_source(tmp_path, monkeypatch, model_file, small_volume):
     """The remembered source segmentation (Adapt's gate reuses it) is the plain one; --tta 4 runs afresh."""
     import numpy as np

@@ -318,6 +318,18 @@ def test_the_test_time_flips_choice_reaches_the_worker_process(process_widget, q
     assert widget.controls.status.text().endswith("4 mirror views")
 
 
+def test_the_standardise_choice_reaches_the_worker_process(process_widget, qtbot, small_path, model_file):
+    viewer, widget = process_widget
+    widget.controls.standardize_check.setChecked(True)
+    widget.controls.segment_button.click()
+    _wait_idle(qtbot, widget)
+    from napari_convlora.inference import segment
+
+    expected = segment(load_model(model_file), load_volume(small_path), device="cpu", standardize=True).mask
+    np.testing.assert_array_equal(viewer.layers["mask: source"].data, expected)
+    assert widget.controls.status.text().endswith("intensities standardised")
+
+
 def test_cancel_in_the_process_path_leaves_no_adapter_and_no_layer(process_widget, qtbot, tmp_path):
     viewer, widget = process_widget
     names = [layer.name for layer in viewer.layers]

@@ -122,23 +122,39 @@ def resolve_for_widget(spec: str) -> tuple[Adapter | None, str, str]:
 
 
 def segment_job(
-    model_path: str | Path, volume: Volume, spec: str, device: str, stop: threading.Event, tta: int = 1
+    model_path: str | Path,
+    volume: Volume,
+    spec: str,
+    device: str,
+    stop: threading.Event,
+    tta: int = 1,
+    standardize: bool = False,
 ) -> Generator[SegmentProgress, None, SegmentResult | None]:
     """Segment ``volume`` with the chosen adapter; yield progress; return None if stopped.
 
     "auto" picks without labels, then keeps the pick only if the do-no-harm check passes it
     (:func:`napari_convlora.choose.iter_segment_checked`). ``tta``: mirror views per
-    slice (``convlora segment --tta``); the remembered source segmentation that Adapt
-    reuses is the plain one, so with ``tta`` > 1 it is neither used nor replaced.
+    slice (``convlora segment --tta``); ``standardize``: the scan's intensities
+    standardised first (``convlora segment --standardize``). The remembered source
+    segmentation that Adapt reuses is the plain one, so with either it is neither
+    used nor replaced.
     """
     limit_threads()
     base = get_model(model_path)
-    source = known_source(model_path, volume, device) if tta == 1 else None
+    plain = tta == 1 and not standardize
+    source = known_source(model_path, volume, device) if plain else None
     if spec == AUTO_LABEL:
         files = [path for _, path, _ in library_files()]  # built-ins first: they win a name clash, as in the library
         choice = choose_adapter(base, volume, files, device=device)
         checked = yield from iter_segment_checked(
-            base, volume, choice, device=device, should_stop=stop.is_set, source=source, tta=tta
+            base,
+            volume,
+            choice,
+            device=device,
+            should_stop=stop.is_set,
+            source=source,
+            tta=tta,
+            standardize=standardize,
         )
         if checked is None or stop.is_set():
             return None
@@ -146,17 +162,20 @@ def segment_job(
     adapter, label, note = resolve_for_widget(spec)
     if tta > 1:
         note += f", {tta} mirror views"
+    if standardize:
+        note += ", intensities standardised"
     if adapter is None and source is not None:  # the same scan, model and device: the same mask, already made
         return SegmentResult(_own_mask(source), label, note)
     result = None
-    for report in iter_segment(base, volume, adapter, device=device, should_stop=stop.is_set, tta=tta):
+    options = {"device": device, "tta": tta, "standardize": standardize}
+    for report in iter_segment(base, volume, adapter, should_stop=stop.is_set, **options):
         if isinstance(report, SegmentProgress):
             yield report
         else:
             result = report
     if result is None or stop.is_set():
         return None
-    if adapter is None and tta == 1:
+    if adapter is None and plain:
         remember_source(model_path, volume, device, result)
         result = _own_mask(result)
     return SegmentResult(result, label, note)
