@@ -24,7 +24,10 @@ carried onto the simulated grid. Methods:
 - ``full-ft``: the whole U-Net fine-tuned on its own thresholded predictions
   (classic self-training on pseudo-labels);
 - ``oracle``: the whole U-Net fine-tuned, after AdaBN, on the *true* labels of the
-  same target slices: what labels would buy with the same slice budget.
+  same target slices: what labels would buy with the same slice budget;
+- ``standardize``: the source model on the scan's intensities standardised to its
+  training heads' (:mod:`napari_convlora.standardize`), nothing trained;
+  ``standardize+convlora+adabn``: ``convlora+adabn`` on standardised slices.
 
 Every cell also records the label-free scores a user would have (the
 perturbation consistency of the adapted model and of the source model on the

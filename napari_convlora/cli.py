@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MM",
         help=f"Gaussian sigma in mm on the probability before the threshold (default {SMOOTH_MM:g}; 0: off)",
     )
-    p.add_argument("--standardize", action="store_true", help=STANDARDIZE_HELP)
+    p.add_argument(
+        "--standardize", nargs="?", const="on", default="off", choices=("off", "on", "auto"), help=STANDARDIZE_HELP
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -333,6 +335,7 @@ def cmd_segment(args: argparse.Namespace) -> dict:
     from .inference import segment
     from .library import library_files, resolve_adapter
     from .nifti import NIFTI_SUFFIXES, load_volume, save_mask
+    from .selection import iter_plain_and_standardized
 
     check_output_path(args.output, overwrite=args.overwrite, suffixes=NIFTI_SUFFIXES)
     if _same_file(args.output, args.input):
@@ -346,9 +349,12 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         "precision": args.precision,
         "tta": args.tta,
         "smooth_mm": args.smooth,
-        "standardize": args.standardize,
     }
-    auto = checked = None
+    if args.standardize == "auto" and args.adapter == "auto":
+        raise InputError("--standardize auto and --adapter auto: choose the adapter, or standardise on or off")
+    if args.standardize == "on":
+        options["standardize"] = True
+    auto = checked = standardized = None
     if args.adapter == "auto":
         auto = choose_adapter(base, volume, [path for _, _, path in library_files()], device=args.device)
     start = time.perf_counter()  # "seconds" is segmentation time (auto's check segmentation included)
@@ -356,6 +362,11 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         checked = _returned(iter_segment_checked(base, volume, auto, **options))
         print(f"note: {checked.note}", file=sys.stderr)
         result = checked.segmentation
+    elif args.standardize == "auto":
+        result, _, standardized = _returned(
+            iter_plain_and_standardized(base, volume, resolve_adapter(args.adapter), **options)
+        )
+        print(f"note: {standardized}", file=sys.stderr)
     else:
         result = segment(base, volume, resolve_adapter(args.adapter), **options)
     save_mask(result.mask, volume, args.output, overwrite=args.overwrite)
@@ -366,6 +377,8 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         "seconds": round(time.perf_counter() - start, 3),
         "volume_ml": round(result.volume_ml, 3),
     }
+    if standardized is not None:
+        out["standardize"] = standardized
     if auto is not None:
         out["auto"] = {"choice": auto.label, "criterion": auto.criterion, "scores": auto.scores}
         out["auto"]["skipped"] = auto.skipped
@@ -866,7 +879,8 @@ def cmd_gui(args: argparse.Namespace) -> dict:
 
 STANDARDIZE_HELP = (
     "map the scan's intensity histogram (nine percentiles of the head) onto the model's training heads' before "
-    "the network reads it: no training, helps on scanners with another contrast (BENCHMARKS.md section 2)"
+    "the network reads it: no training, helps on scanners with another contrast (BENCHMARKS.md section 2); "
+    "auto: segment both ways and keep the standardised mask only if it is more confident (twice the time)"
 )
 COMMANDS = {
     "segment": cmd_segment,

@@ -122,12 +122,56 @@ def iter_source_and_adapted(
     Progress counts both runs (the first run's slice count stands in for the second's
     until it starts). None if ``should_stop`` said so.
     """
-    results: list[Segmentation] = [] if source is None else [source]
+    runs = [{"adapter": adapter}] if source is not None else [{"adapter": None}, {"adapter": adapter}]
+    results = yield from _iter_runs(base, volume, runs, device, should_stop, segment_options)
+    if results is None:
+        return None
+    return (source, results[0]) if source is not None else (results[0], results[1])
+
+
+def iter_plain_and_standardized(
+    base: BaseModel,
+    volume: Volume,
+    adapter: Adapter | None = None,
+    device: str = "auto",
+    should_stop: Callable[[], bool] | None = None,
+    **segment_options,
+) -> Generator[SegmentProgress, None, tuple[Segmentation, Segmentation, str] | None]:
+    """The scan segmented as it is and standardised (:mod:`napari_convlora.standardize`); keep the surer mask.
+
+    The confidence gate of adaptation applied to the input's standardisation: the
+    standardised mask is kept only if its :func:`mask_confidence` beats the other's
+    by the gate's margin (on the simulated scanners of BENCHMARKS.md section 2 this
+    never kept a worse mask by more than 0.01 surface Dice). Returns (the kept
+    segmentation, the other one, a one-line note saying which and why); None if stopped.
+    """
+    runs = [{"adapter": adapter, "standardize": False}, {"adapter": adapter, "standardize": True}]
+    results = yield from _iter_runs(base, volume, runs, device, should_stop, segment_options)
+    if results is None:
+        return None
+    plain, standardized = results
+    ours, theirs = (mask_confidence(r.probability, r.mask) for r in (standardized, plain))
+    verdict = f"mask confidence {ours:.4f} standardised against {theirs:.4f} as it is"
+    if accepted(ours, theirs, GATE_MARGINS["confidence"]):
+        return standardized, plain, f"intensities standardised ({verdict})"
+    return plain, standardized, f"intensities kept as they are ({verdict})"
+
+
+def _iter_runs(
+    base: BaseModel,
+    volume: Volume,
+    runs: list[dict],
+    device: str,
+    should_stop: Callable[[], bool] | None,
+    segment_options: dict,
+) -> Generator[SegmentProgress, None, list[Segmentation] | None]:
+    """Segment ``volume`` once per entry of ``runs`` (keyword arguments of iter_segment); progress counts them all."""
+    results: list[Segmentation] = []
     done = total = 0
-    runs = ((2, None), (1, adapter)) if source is None else ((1, adapter),)
-    for runs_left, candidate in runs:
+    for runs_left, run in zip(range(len(runs), 0, -1), runs, strict=True):
         result = None
-        for report in iter_segment(base, volume, candidate, device=device, should_stop=should_stop, **segment_options):
+        options = {**segment_options, **run}
+        for report in iter_segment(base, volume, device=device, should_stop=should_stop, **options):
             if isinstance(report, SegmentProgress):
                 total = report.total
                 yield SegmentProgress(done + report.done, done + runs_left * total, report.elapsed_s)
@@ -136,4 +180,4 @@ def iter_source_and_adapted(
             return None
         done += total
         results.append(result)
-    return results[0], results[1]
+    return results

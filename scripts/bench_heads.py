@@ -11,7 +11,8 @@ folder of it (``t1.nii.gz`` scored against ``mask_consensus.nii.gz``), and its
 the peers. Variants: ``full`` (two passes, smoothing, clean-up: what ``convlora segment``
 does), ``single-pass`` (one pass over the whole head), ``no-cleanup`` (no 3D
 clean-up), ``no-smoothing`` (the network's probability thresholded as it is),
-``bare`` (one pass, no smoothing, no clean-up).
+``bare`` (one pass, no smoothing, no clean-up), ``standardize`` (``full`` with the
+scan's intensities standardised first: ``convlora segment --standardize``).
 Each variant runs in every one of ``--precisions`` (what the network computes
 in; ``auto`` as ``convlora segment`` picks it); a row after the first precision
 also counts the voxels where its mask differs from the first one's. ``--tta``:
@@ -39,6 +40,7 @@ VARIANTS = {
     "no-cleanup": {"two_pass": True, "cleanup": False},
     "no-smoothing": {"two_pass": True, "cleanup": True, "smooth_mm": 0.0},
     "bare": {"two_pass": False, "cleanup": False, "smooth_mm": 0.0},
+    "standardize": {"two_pass": True, "cleanup": True, "standardize": True},
 }
 
 

@@ -91,10 +91,17 @@ def test_standardising_neither_uses_nor_replaces_the_remembered_source(tmp_path,
     _, plain = drive(jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event()))
     remembered = jobs.known_source(model_file, small_volume, "cpu")
     reports, standardized = drive(
-        jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event(), standardize=True)
+        jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event(), standardize="on")
     )
     assert reports and standardized.note.endswith("intensities standardised")
     assert not np.allclose(standardized.segmentation.probability, plain.segmentation.probability)
+    assert jobs.known_source(model_file, small_volume, "cpu") is remembered
+    _, auto = drive(
+        jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event(), standardize="auto")
+    )
+    assert "intensities" in auto.note and "mask confidence" in auto.note
+    kept = standardized if "intensities standardised" in auto.note else plain
+    np.testing.assert_array_equal(auto.segmentation.mask, kept.segmentation.mask)
     assert jobs.known_source(model_file, small_volume, "cpu") is remembered
 
 

@@ -320,7 +320,8 @@ def test_the_test_time_flips_choice_reaches_the_worker_process(process_widget, q
 
 def test_the_standardise_choice_reaches_the_worker_process(process_widget, qtbot, small_path, model_file):
     viewer, widget = process_widget
-    widget.controls.standardize_check.setChecked(True)
+    combo = widget.controls.standardize_combo
+    combo.setCurrentIndex(combo.findData("on"))
     widget.controls.segment_button.click()
     _wait_idle(qtbot, widget)
     from napari_convlora.inference import segment

@@ -23,6 +23,8 @@ from napari_convlora.standardize import (
     standardize,
 )
 
+from .conftest import drive
+
 # simulate.py's GE 1.5 T, Siemens 3 T and Philips 3 T contrasts: monotone changes of every intensity
 _CONTRASTS = [
     ((0.0, 0.2, 0.42, 0.55, 0.75, 1.0), (0.0, 0.32, 0.46, 0.54, 0.58, 0.66)),
@@ -162,3 +164,32 @@ def test_cli_adapt_standardize_on_a_model_without_landmarks_fails_cleanly(
     err = capsys.readouterr().err
     assert code == 2 and "no intensity landmarks" in err and str(old) in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_auto_keeps_the_standardised_mask_only_if_it_is_surer(model_file, small_volume):
+    from napari_convlora.selection import iter_plain_and_standardized, mask_confidence
+
+    base = load_model(model_file)
+    reports, (kept, other, note) = drive(iter_plain_and_standardized(base, small_volume, device="cpu"))
+    assert reports[-1].done == reports[-1].total  # progress counts both runs
+    plain = segment(base, small_volume, device="cpu")
+    standardized = segment(base, small_volume, device="cpu", standardize=True)
+    surer = mask_confidence(standardized.probability, standardized.mask) > mask_confidence(
+        plain.probability, plain.mask
+    )
+    expected, rest = (standardized, plain) if surer else (plain, standardized)
+    assert np.array_equal(kept.mask, expected.mask) and np.array_equal(other.mask, rest.mask)
+    assert note.startswith("intensities standardised" if surer else "intensities kept as they are")
+
+
+def test_cli_segment_standardize_auto(capsys, tmp_path, small_path, model_file):
+    import json
+
+    out = tmp_path / "m.nii.gz"
+    args = ["segment", str(small_path), "-o", str(out), "--model", str(model_file), "--standardize", "auto"]
+    assert main([*args, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["standardize"].startswith("intensities")
+    assert "note: intensities" in captured.err and out.exists()
+    code = main([*args, "--adapter", "auto", "--overwrite"])
+    assert code == 2 and "--standardize auto and --adapter auto" in capsys.readouterr().err

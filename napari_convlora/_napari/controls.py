@@ -84,11 +84,18 @@ class Controls(QWidget):
         self.tta_combo.setToolTip(
             "Average each slice's prediction over mirror images of it: more accurate boundaries, slower"
         )
-        self.standardize_check = QCheckBox("standardise intensities to the model's training heads")
-        self.standardize_check.setToolTip(
+        self.standardize_combo = QComboBox()  # convlora segment --standardize off|on|auto
+        for value, text in (
+            ("off", "off"),
+            ("on", "on"),
+            ("auto", "auto: keep the surer mask (~2x time)"),
+        ):
+            self.standardize_combo.addItem(text, value)
+        self.standardize_combo.setToolTip(
             "Map this scan's intensity histogram onto the one the model was trained on before it reads it "
-            "(no training, seconds). Helps on scanners with another contrast; Adapt then adapts on the "
-            "standardised slices and its adapter standardises every scan it reads."
+            "(no training). Helps on scanners with another contrast, loses on some scans; auto segments both "
+            "ways and keeps the standardised mask only if the model is surer of it. With 'on', Adapt adapts "
+            "on standardised slices and its adapter standardises every scan it reads."
         )
         self.segment_button = QPushButton("Segment")
         self.status = _label("ready")
@@ -102,7 +109,7 @@ class Controls(QWidget):
             "library", _row(self.import_button, self.export_adapter_button, self.rename_button, self.remove_button)
         )
         form.addRow("test-time flips", self.tta_combo)
-        form.addRow(self.standardize_check)
+        form.addRow("standardise intensities", self.standardize_combo)
         form.addRow(self.errors_check)
         form.addRow(self.segment_button)
         form.addRow(self.segment_progress)

@@ -39,6 +39,7 @@ from ..metrics import evaluate
 from ..model import BaseModel, load_model
 from ..nifti import Volume
 from ..review import model_slices_around, model_slices_to_file, per_slice_surface_dice, surface_error_map
+from ..selection import iter_plain_and_standardized
 from .job_process import CHILD_ENV
 
 SOURCE_LABEL = "none (source model)"
@@ -128,33 +129,31 @@ def segment_job(
     device: str,
     stop: threading.Event,
     tta: int = 1,
-    standardize: bool = False,
+    standardize: str = "off",
 ) -> Generator[SegmentProgress, None, SegmentResult | None]:
     """Segment ``volume`` with the chosen adapter; yield progress; return None if stopped.
 
     "auto" picks without labels, then keeps the pick only if the do-no-harm check passes it
     (:func:`napari_convlora.choose.iter_segment_checked`). ``tta``: mirror views per
-    slice (``convlora segment --tta``); ``standardize``: the scan's intensities
-    standardised first (``convlora segment --standardize``). The remembered source
-    segmentation that Adapt reuses is the plain one, so with either it is neither
-    used nor replaced.
+    slice (``convlora segment --tta``); ``standardize``: "on" standardises the scan's
+    intensities first, "auto" segments both ways and keeps the surer mask
+    (``convlora segment --standardize on|auto``). The remembered source segmentation
+    that Adapt reuses is the plain one, so with either it is neither used nor replaced.
     """
     limit_threads()
+    if standardize not in ("off", "on", "auto"):
+        raise ValueError(f"unknown standardisation {standardize!r}")
+    if standardize == "auto" and spec == AUTO_LABEL:
+        raise InputError("standardise 'auto' and adapter 'auto': choose the adapter, or standardise on or off")
     base = get_model(model_path)
-    plain = tta == 1 and not standardize
+    plain = tta == 1 and standardize == "off"
     source = known_source(model_path, volume, device) if plain else None
+    options = {"device": device, "tta": tta, "standardize": standardize == "on"}
     if spec == AUTO_LABEL:
         files = [path for _, path, _ in library_files()]  # built-ins first: they win a name clash, as in the library
         choice = choose_adapter(base, volume, files, device=device)
         checked = yield from iter_segment_checked(
-            base,
-            volume,
-            choice,
-            device=device,
-            should_stop=stop.is_set,
-            source=source,
-            tta=tta,
-            standardize=standardize,
+            base, volume, choice, should_stop=stop.is_set, source=source, **options
         )
         if checked is None or stop.is_set():
             return None
@@ -162,12 +161,17 @@ def segment_job(
     adapter, label, note = resolve_for_widget(spec)
     if tta > 1:
         note += f", {tta} mirror views"
-    if standardize:
+    if standardize == "on":
         note += ", intensities standardised"
     if adapter is None and source is not None:  # the same scan, model and device: the same mask, already made
         return SegmentResult(_own_mask(source), label, note)
+    if standardize == "auto":
+        options.pop("standardize")
+        kept = yield from iter_plain_and_standardized(base, volume, adapter, should_stop=stop.is_set, **options)
+        if kept is None or stop.is_set():
+            return None
+        return SegmentResult(kept[0], label, f"{note}; {kept[2]}")
     result = None
-    options = {"device": device, "tta": tta, "standardize": standardize}
     for report in iter_segment(base, volume, adapter, should_stop=stop.is_set, **options):
         if isinstance(report, SegmentProgress):
             yield report

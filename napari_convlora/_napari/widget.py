@@ -347,7 +347,7 @@ class ConvLoRAWidget(QWidget):
             spec,
             device,
             tta=c.tta_combo.currentData(),
-            standardize=c.standardize_check.isChecked(),
+            standardize=c.standardize_combo.currentData(),
             on_yield=self._on_segment_progress,
             on_return=lambda r: self._on_segmented(r, target),
             on_error=lambda e: self._on_error("segment", e, device),
@@ -470,7 +470,7 @@ class ConvLoRAWidget(QWidget):
             kind=c.kind_combo.currentText(),
             adabn=c.adabn_check.isChecked(),
             objective=c.objective_combo.currentText(),
-            standardize=c.standardize_check.isChecked(),
+            standardize=c.standardize_combo.currentData() == "on",
         )
         target = {"kwargs": aligned_kwargs(layer), "image": layer.name}
         c.name_edit.setText(name)
