@@ -49,7 +49,7 @@ from .adapters import (
 from .device import pick_device
 from .errors import InputError
 from .geometry import SliceGeometry, plan
-from .inference import Segmentation
+from .inference import Segmentation, input_reference
 from .metrics import surface_dice
 from .model import BaseModel, UNet2D
 from .nifti import Volume
@@ -73,7 +73,6 @@ from .selection import (
     mask_confidence,
 )
 from .shape_prior import ShapePrior, slice_positions
-from .standardize import IntensityReference
 
 # Weight of the MoE load-balancing loss (summed over layers) against the self-training BCE: the
 # value of Shazeer et al. and of the Conv-LoRA code. It only keeps experts in use; the gate learns from it alone.
@@ -288,7 +287,7 @@ def adapt(
     prior = None
     if config.objective in PRIOR_OBJECTIVES:  # before any work: a model without a prior cannot do these
         prior = ShapePrior.of_model(base)
-    reference = IntensityReference.of_model(base) if config.standardize else None
+    reference = input_reference(base, None, config.standardize)
     device = pick_device(config.device)
     geometry, scaled = plan(volume, base.intensity_scaling, reference)
     stack = geometry.to_model(scaled)

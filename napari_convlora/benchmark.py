@@ -55,7 +55,7 @@ from .adapters import apply_adapter, encoder_batchnorms
 from .device import pick_device
 from .errors import InputError
 from .geometry import SliceGeometry, plan
-from .inference import predict_logits, segment
+from .inference import input_reference, predict_logits, segment
 from .metrics import evaluate
 from .model import BaseModel, UNet2D
 from .nifti import Volume
@@ -275,7 +275,7 @@ def target_slices(
 
     Standardised (:mod:`napari_convlora.standardize`) when ``config.standardize`` says so.
     """
-    reference = IntensityReference.of_model(base) if config.standardize else None
+    reference = input_reference(base, None, config.standardize)
     geometry, scaled = plan(volume, base.intensity_scaling, reference)
     stack = geometry.to_model(scaled)
     indices = slices_for(stack, config)
