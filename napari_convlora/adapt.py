@@ -458,11 +458,15 @@ def _volume_confidences(
 
 
 def run_adaptation(
-    base: BaseModel, volume: Volume, config: AdaptConfig = AdaptConfig(), name: str = "adapter"
+    base: BaseModel,
+    volume: Volume,
+    config: AdaptConfig = AdaptConfig(),
+    name: str = "adapter",
+    source: Segmentation | None = None,
 ) -> AdaptDone:
-    """Run :func:`adapt` to the end (no progress display) and return its result."""
+    """Run :func:`adapt` to the end (no progress display) and return its result (``source`` as for adapt)."""
     done = None
-    for report in adapt(base, volume, config, name):
+    for report in adapt(base, volume, config, name, source=source):
         done = report
     assert isinstance(done, AdaptDone)
     return done

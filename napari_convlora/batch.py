@@ -33,8 +33,9 @@ CONNECT_TIMEOUT = "30s"  # how long to try reaching a --scheduler address
 ADAPTER_CHOICES_HELP = "none, auto, a library name or file, or adapt (adapt to each scan, with the do-no-harm gate)"
 COLUMNS = (
     "input", "output", "status", "error", "adapter", "seconds", "volume_ml",
-    "gt", "dice", "surface_dice", "hd95_mm", "worker",
+    "gt", "dice", "surface_dice", "hd95_mm", "worker", "standardized",
 )  # fmt: skip
+STANDARDIZE_CHOICES = ("off", "on", "auto")
 
 
 @dataclass(frozen=True)
@@ -146,43 +147,69 @@ def _model(path: str | None):
     return _cached_model(str(file), file.stat().st_mtime_ns)
 
 
-def _segment(
-    scan: Scan, model_path: str | None, device: str, adapters_dir: str, tta: int = 1
-) -> tuple[object, object, str]:
-    """(volume, Segmentation, adapter label) of one scan, by its adapter choice; ``tta`` mirror views per slice.
+def check_standardize(standardize: str, adapter: str) -> None:
+    """Refuse a standardisation choice that cannot run with ``adapter`` before any scan is read."""
+    if standardize not in STANDARDIZE_CHOICES:
+        raise InputError(f"standardize must be one of {', '.join(STANDARDIZE_CHOICES)}, not {standardize!r}")
+    if standardize == "auto" and adapter in ("auto", "adapt"):
+        raise InputError(f"--standardize auto and --adapter {adapter}: standardise on or off with this adapter choice")
 
-    With ``adapt`` the gate decides on plain segmentations; with ``tta`` > 1 the
-    kept model then segments once more with the mirror views.
+
+def _returned(generator):
+    """Run a progress generator to its end and return what it returned."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as finished:
+            return finished.value
+
+
+def _segment(
+    scan: Scan, model_path: str | None, device: str, adapters_dir: str, tta: int = 1, standardize: str = "off"
+) -> tuple[object, object, str, bool]:
+    """(volume, Segmentation, adapter label, standardised?) of one scan, by its adapter choice.
+
+    ``tta`` mirror views per slice. With ``adapt`` the gate decides on plain
+    segmentations; with ``tta`` > 1 the kept model then segments once more with
+    the mirror views. ``standardize`` as ``convlora segment --standardize``
+    (``on`` with ``adapt``: the adapter adapts on standardised slices; refused,
+    the source model's mask as the gate saw it, not standardised).
     """
     from .adapt import AdaptConfig, run_adaptation
     from .adapters import save_adapter
     from .choose import choose_adapter, iter_segment_checked
-    from .inference import segment
+    from .inference import input_reference, segment
     from .library import library_files, resolve_adapter
     from .nifti import load_volume
+    from .selection import iter_plain_and_standardized
 
+    check_standardize(standardize, scan.adapter)
     volume = load_volume(scan.input)
     base = _model(model_path)
-    if scan.adapter == "adapt":
-        done = run_adaptation(base, volume, AdaptConfig(device=device), name=scan.name)
+    on = standardize == "on"
+    if scan.adapter == "adapt":  # the gate weighs the adapter against the source model as it is, as adapt does
+        source = segment(base, volume, device=device)
+        done = run_adaptation(base, volume, AdaptConfig(device=device, standardize=on), name=scan.name, source=source)
         if done.accepted and done.segmentation is not None:
             path = Path(adapters_dir) / f"{scan.name}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_adapter(done.adapter, path, overwrite=True)  # a rerun of a scan that died after this line
             result = done.segmentation if tta == 1 else segment(base, volume, done.adapter, device=device, tta=tta)
-            return volume, result, str(path)
-        return volume, segment(base, volume, device=device, tta=tta), "none (adaptation refused by the gate)"
+            return volume, result, str(path), on
+        result = source if tta == 1 else segment(base, volume, device=device, tta=tta)
+        return volume, result, "none (adaptation refused by the gate)", False
     if scan.adapter == "auto":
         choice = choose_adapter(base, volume, [path for _, _, path in library_files()], device=device)
-        checked = iter_segment_checked(base, volume, choice, device=device, tta=tta)
-        while True:
-            try:
-                next(checked)
-            except StopIteration as finished:
-                result = finished.value
-                return volume, result.segmentation, f"auto: {result.label}"
+        checked = _returned(iter_segment_checked(base, volume, choice, device=device, tta=tta, standardize=on))
+        kept = choice.adapter if checked.label == choice.label else None
+        standardized = input_reference(base, kept, on) is not None
+        return volume, checked.segmentation, f"auto: {checked.label}", standardized
     adapter = resolve_adapter(scan.adapter)
-    return volume, segment(base, volume, adapter, device=device, tta=tta), scan.adapter
+    if standardize == "auto":
+        kept, _, note = _returned(iter_plain_and_standardized(base, volume, adapter, device=device, tta=tta))
+        return volume, kept, scan.adapter, note.startswith("intensities standardised")
+    standardized = input_reference(base, adapter, on) is not None
+    return volume, segment(base, volume, adapter, device=device, tta=tta, standardize=on), scan.adapter, standardized
 
 
 def process_scan(
@@ -192,6 +219,7 @@ def process_scan(
     threads: int = 1,
     adapters_dir: str = "",
     tta: int = 1,
+    standardize: str = "off",
 ) -> dict:
     """Segment one scan and write its mask (atomically); the results row. Never raises: errors become the row."""
     import torch
@@ -204,9 +232,10 @@ def process_scan(
     row: dict = {"input": scan.input, "output": scan.output, "gt": scan.gt or "", "worker": socket.gethostname()}
     row["worker"] = f"{row['worker']}:{os.getpid()}"
     try:
-        volume, result, label = _segment(scan, model_path, device, adapters_dir, tta)
+        volume, result, label, standardized = _segment(scan, model_path, device, adapters_dir, tta, standardize)
         save_mask(result.mask, volume, scan.output, overwrite=True)  # a task run again after a lost worker
         row.update(status="ok", error="", adapter=label, volume_ml=round(result.volume_ml, 3))
+        row["standardized"] = standardized
         if scan.gt:
             gt = load_mask(scan.gt)
             if gt.data.shape != result.mask.shape:
@@ -247,14 +276,20 @@ class ResultsTable:
         return [] if self.path.is_file() else [scan.output for scan in scans if Path(scan.output).exists()]
 
     def append(self, row: dict) -> None:
+        """Append ``row`` under the table's own header (a table begun by an older version keeps its columns)."""
         new = not self.path.is_file() or self.path.stat().st_size == 0
+        columns = list(COLUMNS) if new else self._header()
         with self.path.open("a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             if new:
                 writer.writeheader()
-            writer.writerow({k: row.get(k, "") for k in COLUMNS})
+            writer.writerow({k: row.get(k, "") for k in columns})
             handle.flush()
             os.fsync(handle.fileno())
+
+    def _header(self) -> list[str]:
+        with self.path.open(newline="", encoding="utf-8") as handle:
+            return next(csv.reader(handle), None) or list(COLUMNS)
 
     def latest_rows(self) -> list[dict]:
         """One row per input, its last attempt (a rerun appends; the table keeps every attempt)."""
@@ -273,6 +308,7 @@ class ResultsTable:
         frame = pd.DataFrame(self.latest_rows(), columns=list(COLUMNS))
         for column in ("seconds", "volume_ml", "dice", "surface_dice", "hd95_mm"):
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
+        frame["standardized"] = frame["standardized"].map({"True": True, "False": False}).astype("boolean")
         path = self.path.with_name(RESULTS_PARQUET)
         atomic_write(path, lambda tmp: frame.to_parquet(tmp, index=False), overwrite=True)
         return path
@@ -311,6 +347,7 @@ def run_batch(
     device: str = "cpu",
     threads: int = 1,
     tta: int = 1,
+    standardize: str = "off",
 ) -> Iterator[dict]:
     """Submit every scan not done yet; yield each row as it finishes (after appending it to the table)."""
     from distributed import as_completed
@@ -320,7 +357,15 @@ def run_batch(
     adapters_dir = str(outdir / "adapters")
     futures = [
         client.submit(
-            process_scan, scan, model_path, device, threads, adapters_dir, tta, key=f"convlora-{i}-{time.time_ns()}"
+            process_scan,
+            scan,
+            model_path,
+            device,
+            threads,
+            adapters_dir,
+            tta,
+            standardize,
+            key=f"convlora-{i}-{time.time_ns()}",
         )
         for i, scan in enumerate(todo)
     ]

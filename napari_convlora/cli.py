@@ -289,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tta", type=int, default=1, choices=list(TTA_MIRRORS), help="mirror views per slice, as for segment"
     )
+    p.add_argument(
+        "--standardize",
+        nargs="?",
+        const="on",
+        default="off",
+        choices=("off", "on", "auto"),
+        help="as for segment (on with --adapter adapt: adapt on standardised slices; auto needs a fixed adapter)",
+    )
     p.add_argument("--scheduler", default="local", help="local (a cluster of processes here) or tcp://HOST:PORT")
     p.add_argument("--workers", type=_positive_int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument(
@@ -387,7 +395,7 @@ def cmd_segment(args: argparse.Namespace) -> dict:
 
 
 def cmd_batch(args: argparse.Namespace) -> dict:
-    from .batch import RESULTS_CSV, ResultsTable, connect, plan_scans, run_batch
+    from .batch import RESULTS_CSV, ResultsTable, check_standardize, connect, plan_scans, run_batch
 
     if args.csv is not None and args.gt_dir is not None:
         raise InputError("--gt-dir and --csv: give ground truths in the CSV's gt column instead")
@@ -398,6 +406,8 @@ def cmd_batch(args: argparse.Namespace) -> dict:
     if args.output.exists() and not args.output.is_dir():
         raise InputError(f"{args.output}: is a file; give a folder for the masks")
     scans = plan_scans(args.inputs, args.output.resolve(), args.adapter, args.gt_dir, args.csv)
+    for adapter in sorted({scan.adapter for scan in scans}):
+        check_standardize(args.standardize, adapter)
     table = ResultsTable(args.output.resolve())
     taken = [] if args.overwrite else table.foreign_outputs(scans)
     if taken:
@@ -416,7 +426,14 @@ def cmd_batch(args: argparse.Namespace) -> dict:
         if client is not None:
             model = str(args.model.resolve()) if args.model is not None else None
             rows_in = run_batch(
-                scans, args.output.resolve(), client, model, args.device, args.threads_per_worker, args.tta
+                scans,
+                args.output.resolve(),
+                client,
+                model,
+                args.device,
+                args.threads_per_worker,
+                args.tta,
+                args.standardize,
             )
             for row in rows_in:
                 rows.append(row)

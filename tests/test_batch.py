@@ -242,3 +242,77 @@ def test_one_scan_with_each_adapter_choice(tmp_path, small_path, model_file, mon
     bad = Scan("head4mm", str(small_path), str(tmp_path / "n.nii.gz"), None, "no-such-adapter")
     row = process_scan(bad, str(model_file), "cpu", 1, str(tmp_path / "adapters"))
     assert row["status"] == "error" and "no-such-adapter" in row["error"] and not (tmp_path / "n.nii.gz").exists()
+
+
+@pytest.mark.parametrize("standardize", ["off", "on", "auto"])
+def test_one_scan_standardised(tmp_path, small_path, model_file, monkeypatch, standardize):
+    """--standardize: the scan is read standardised as asked (auto: both ways), and the row says which mask is kept."""
+    from napari_convlora import inference
+    from napari_convlora.batch import Scan, process_scan
+
+    seen, plan = [], inference.plan
+    monkeypatch.setattr(inference, "plan", lambda v, s, reference=None: seen.append(reference) or plan(v, s, reference))
+    scan = Scan("head4mm", str(small_path), str(tmp_path / "m.nii.gz"), None, "none")
+    row = process_scan(scan, str(model_file), "cpu", 1, str(tmp_path / "adapters"), 1, standardize)
+    assert row["status"] == "ok", row["error"]
+    assert [r is not None for r in seen] == {"off": [False], "on": [True], "auto": [False, True]}[standardize]
+    assert row["standardized"] is (standardize == "on") or standardize == "auto"
+    base, volume = load_model(model_file), load_volume(small_path)
+    kept = segment(base, volume, device="cpu", standardize=row["standardized"]).mask
+    assert np.array_equal(load_mask(tmp_path / "m.nii.gz").data, kept)
+
+
+def test_standardize_choices_that_cannot_run_are_refused(tmp_path, small_path, model_file, capsys):
+    from napari_convlora.batch import Scan, process_scan
+
+    scan = Scan("head4mm", str(small_path), str(tmp_path / "m.nii.gz"), None, "adapt")
+    row = process_scan(scan, str(model_file), "cpu", 1, str(tmp_path / "adapters"), 1, "auto")
+    assert row["status"] == "error" and "--standardize auto and --adapter adapt" in row["error"]
+    assert not (tmp_path / "m.nii.gz").exists()
+    argv = ["batch", str(small_path), "-o", str(tmp_path / "out"), "--adapter", "auto", "--standardize", "auto"]
+    assert main(argv) == 2  # before any cluster starts
+    err = capsys.readouterr().err
+    assert "--standardize auto and --adapter auto" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_table_begun_by_an_older_version_keeps_its_columns(tmp_path):
+    """Rows appended to a results.csv without the standardized column stay aligned; Parquet reads both."""
+    pytest.importorskip("pyarrow")
+    import pandas as pd
+
+    from napari_convlora.batch import COLUMNS, ResultsTable
+
+    old = [c for c in COLUMNS if c != "standardized"]
+    first = ",".join("1" if c == "seconds" else "" for c in old)
+    (tmp_path / RESULTS_CSV).write_text(",".join(old) + "\n" + first + "\n")
+    table = ResultsTable(tmp_path)
+    table.append({"input": "b", "output": "b_mask", "status": "ok", "seconds": 2.5, "standardized": True})
+    rows = _rows(tmp_path)
+    assert list(rows[1]) == old and rows[1]["input"] == "b" and rows[1]["seconds"] == "2.5"
+    frame = pd.read_parquet(table.write_parquet())
+    assert frame["seconds"].tolist() == [1.0, 2.5] and frame["standardized"].isna().all()
+    new = tmp_path / "new"
+    new.mkdir()
+    ResultsTable(new).append({"input": "c", "standardized": True})
+    assert pd.read_parquet(ResultsTable(new).write_parquet())["standardized"].tolist() == [True]
+
+
+def test_adapting_on_standardised_slices(tmp_path, small_path, model_file, monkeypatch):
+    """--adapter adapt --standardize: the adapter reads standardised slices (and says so); the gate's source, not."""
+    from napari_convlora import adapt, geometry, inference
+    from napari_convlora.adapters import load_adapter
+    from napari_convlora.batch import Scan, process_scan
+
+    seen, plan = [], geometry.plan
+    for module in (inference, adapt):
+        monkeypatch.setattr(module, "plan", lambda v, s, ref=None: seen.append(ref) or plan(v, s, ref))
+    scan = Scan("head4mm", str(small_path), str(tmp_path / "m.nii.gz"), None, "adapt")
+    row = process_scan(scan, str(model_file), "cpu", 1, str(tmp_path / "adapters"), 1, "on")
+    assert row["status"] == "ok", row["error"]
+    assert seen[0] is None and seen[1:] and all(r is not None for r in seen[1:])  # the gate's source mask is plain
+    if row["adapter"] != "none (adaptation refused by the gate)":
+        assert row["standardized"] is True
+        assert load_adapter(tmp_path / "adapters" / "head4mm.safetensors").standardizes
+    else:
+        assert row["standardized"] is False
