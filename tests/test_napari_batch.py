@@ -20,6 +20,7 @@ import psutil
 
 from napari_convlora._napari import batch_panel
 from napari_convlora._napari.widget import ConvLoRAWidget
+from napari_convlora.errors import InputError
 
 RUN_TIMEOUT_MS = 240_000
 SCANS_TO_CANCEL = 40
@@ -152,4 +153,9 @@ def test_the_command_carries_the_widgets_choices(panel, tmp_path, small_path, mo
         return command[command.index(flag) + 1]
 
     assert value("--adapter") == "none" and value("--device") == "cpu" and value("--tta") == "4"
-    assert value("--model") == str(model_file)
+    assert value("--model") == str(model_file) and value("--standardize") == "off"
+    widget.controls.standardize_combo.setCurrentIndex(widget.controls.standardize_combo.findData("auto"))
+    assert box._plan()[0][box._plan()[0].index("--standardize") + 1] == "auto"
+    box.adapt_check.setChecked(True)  # adapt per scan: standardise on or off, not auto (the command's own refusal)
+    with pytest.raises(InputError, match="--standardize auto and --adapter adapt"):
+        box._plan()

@@ -23,7 +23,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QProcess, QTimer
 from qtpy.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QGroupBox, QLabel, QLineEdit, QPushButton, QWidget
 
-from ..batch import RESULTS_CSV, ResultsTable, plan_scans
+from ..batch import RESULTS_CSV, ResultsTable, check_standardize, plan_scans
 from ..errors import InputError
 from .controls import _progress_bar, _row
 
@@ -35,11 +35,13 @@ class BatchPanel(QGroupBox):
     """Input folder, output folder, Run / Cancel, a progress bar and a status line.
 
     ``options()`` gives what the widget's own choices say: the ``--adapter``
-    value for its adapter choice, the device, the base model file or None, and
-    the test-time mirror views (``--tta``).
+    value for its adapter choice, the device, the base model file or None, the
+    test-time mirror views (``--tta``) and ``--standardize`` (off, on, auto).
     """
 
-    def __init__(self, options: Callable[[], tuple[str, str, Path | None, int]], parent: QWidget | None = None) -> None:
+    def __init__(
+        self, options: Callable[[], tuple[str, str, Path | None, int, str]], parent: QWidget | None = None
+    ) -> None:
         super().__init__("Batch: a folder of scans (convlora batch)", parent)
         self._options = options
         self.process: QProcess | None = None
@@ -141,8 +143,9 @@ class BatchPanel(QGroupBox):
         outdir = Path(out_text).expanduser().resolve()
         if outdir.exists() and not outdir.is_dir():
             raise InputError(f"{outdir}: is a file; give a folder for the masks")
-        adapter, device, model, tta = self._options()
+        adapter, device, model, tta, standardize = self._options()
         adapter = "adapt" if self.adapt_check.isChecked() else adapter
+        check_standardize(standardize, adapter)
         scans = plan_scans(str(folder), outdir, adapter)
         table = ResultsTable(outdir)
         taken = table.foreign_outputs(scans)  # the command refuses these too; say it in the GUI's words
@@ -150,7 +153,8 @@ class BatchPanel(QGroupBox):
             raise InputError(f"{taken[0]}: already exists, not written by a batch run; choose another masks folder")
         todo = len(table.todo(scans))
         command = ["-m", "napari_convlora.cli", "batch", str(folder), "-o", str(outdir)]
-        command += ["--adapter", adapter, "--device", device, "--tta", str(tta), "--json"]
+        command += ["--adapter", adapter, "--device", device, "--tta", str(tta), "--standardize", standardize]
+        command.append("--json")
         if model is not None:
             command += ["--model", str(model)]
         return command, outdir, todo, _row_count(outdir / RESULTS_CSV)

@@ -276,12 +276,18 @@ class ConvLoRAWidget(QWidget):
             self.model_path = Path(path)
             self._show_model()
 
-    def _batch_options(self) -> tuple[str, str, Path | None, int]:
-        """What ``convlora batch`` gets from this widget: --adapter (the adapter choice), --device, --model, --tta."""
+    def _batch_options(self) -> tuple[str, str, Path | None, int, str]:
+        """What ``convlora batch`` gets from this widget: --adapter (the adapter choice), --device, --model, --tta,
+        --standardize."""
         c = self.controls
         spec = c.adapter_combo.currentData() or jobs.SOURCE_LABEL
         adapter = {jobs.SOURCE_LABEL: "none", jobs.AUTO_LABEL: "auto"}.get(spec, spec)
-        return adapter, c.device_combo.currentText(), self.model_path, c.tta_combo.currentData()
+        device, tta, standardize = (
+            c.device_combo.currentText(),
+            c.tta_combo.currentData(),
+            c.standardize_combo.currentData(),
+        )
+        return adapter, device, self.model_path, tta, standardize
 
     def _model(self) -> Path:
         return self.model_path if self.model_path is not None else default_model_path()
