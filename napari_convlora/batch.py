@@ -206,8 +206,8 @@ def _segment(
         return volume, checked.segmentation, f"auto: {checked.label}", standardized
     adapter = resolve_adapter(scan.adapter)
     if standardize == "auto":
-        kept, _, note = _returned(iter_plain_and_standardized(base, volume, adapter, device=device, tta=tta))
-        return volume, kept, scan.adapter, note.startswith("intensities standardised")
+        choice = _returned(iter_plain_and_standardized(base, volume, adapter, device=device, tta=tta))
+        return volume, choice.kept, scan.adapter, choice.is_standardized
     standardized = input_reference(base, adapter, on) is not None
     return volume, segment(base, volume, adapter, device=device, tta=tta, standardize=on), scan.adapter, standardized
 

@@ -371,9 +371,8 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         print(f"note: {checked.note}", file=sys.stderr)
         result = checked.segmentation
     elif args.standardize == "auto":
-        result, _, standardized = _returned(
-            iter_plain_and_standardized(base, volume, resolve_adapter(args.adapter), **options)
-        )
+        choice = _returned(iter_plain_and_standardized(base, volume, resolve_adapter(args.adapter), **options))
+        result, standardized = choice.kept, choice.note
         print(f"note: {standardized}", file=sys.stderr)
     else:
         result = segment(base, volume, resolve_adapter(args.adapter), **options)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Generator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -129,32 +130,50 @@ def iter_source_and_adapted(
     return (source, results[0]) if source is not None else (results[0], results[1])
 
 
+class IntensityChoice(NamedTuple):
+    """What :func:`iter_plain_and_standardized` kept, the scan's plain segmentation, and why."""
+
+    kept: Segmentation
+    plain: Segmentation
+    standardized: Segmentation
+    note: str  # one line for the user: which was kept, with both confidences
+
+    @property
+    def is_standardized(self) -> bool:
+        return self.kept is self.standardized
+
+
 def iter_plain_and_standardized(
     base: BaseModel,
     volume: Volume,
     adapter: Adapter | None = None,
     device: str = "auto",
     should_stop: Callable[[], bool] | None = None,
+    plain: Segmentation | None = None,
     **segment_options,
-) -> Generator[SegmentProgress, None, tuple[Segmentation, Segmentation, str] | None]:
+) -> Generator[SegmentProgress, None, IntensityChoice | None]:
     """The scan segmented as it is and standardised (:mod:`napari_convlora.standardize`); keep the surer mask.
 
     The confidence gate of adaptation applied to the input's standardisation: the
     standardised mask is kept only if its :func:`mask_confidence` beats the other's
     by the gate's margin (on the simulated scanners of BENCHMARKS.md section 2 this
-    never kept a worse mask by more than 0.01 surface Dice). Returns (the kept
-    segmentation, the other one, a one-line note saying which and why); None if stopped.
+    never kept a worse mask by more than 0.01 surface Dice). ``plain``: the scan's
+    segmentation as it is (same model, adapter, device and options), if the caller
+    has it; then only the standardised run is made. None if stopped.
     """
-    runs = [{"adapter": adapter, "standardize": False}, {"adapter": adapter, "standardize": True}]
+    runs = [{"adapter": adapter, "standardize": True}]
+    if plain is None:
+        runs.insert(0, {"adapter": adapter, "standardize": False})
     results = yield from _iter_runs(base, volume, runs, device, should_stop, segment_options)
     if results is None:
         return None
-    plain, standardized = results
+    plain = plain if plain is not None else results[0]
+    standardized = results[-1]
     ours, theirs = (mask_confidence(r.probability, r.mask) for r in (standardized, plain))
     verdict = f"mask confidence {ours:.4f} standardised against {theirs:.4f} as it is"
     if accepted(ours, theirs, GATE_MARGINS["confidence"]):
-        return standardized, plain, f"intensities standardised ({verdict})"
-    return plain, standardized, f"intensities kept as they are ({verdict})"
+        return IntensityChoice(standardized, plain, standardized, f"intensities standardised ({verdict})")
+    return IntensityChoice(plain, plain, standardized, f"intensities kept as they are ({verdict})")
 
 
 def _iter_runs(

@@ -57,8 +57,8 @@ def run(model, volume, variant: str, **options):
         try:
             next(generator)
         except StopIteration as stop:
-            kept, other, _ = stop.value
-            return replace(kept, seconds=kept.seconds + other.seconds)  # both runs: what the user waits for
+            choice = stop.value  # both runs: what the user waits for
+            return replace(choice.kept, seconds=choice.plain.seconds + choice.standardized.seconds)
 
 
 def score(pred: np.ndarray, gt) -> dict:

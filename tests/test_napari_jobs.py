@@ -83,7 +83,10 @@ def test_a_source_segmentation_is_made_once_for_segment_and_the_gate(tmp_path, m
     assert result.done.gate_source_score == pytest.approx(source_confidence, abs=1e-4)
 
 
-def test_standardising_neither_uses_nor_replaces_the_remembered_source(tmp_path, monkeypatch, model_file, small_volume):
+def test_standardising_on_leaves_the_remembered_source_and_auto_reuses_it(
+    tmp_path, monkeypatch, model_file, small_volume
+):
+    """ "on" neither uses nor replaces the plain source mask Adapt reuses; "auto" takes it as its plain run."""
     import numpy as np
 
     monkeypatch.setenv("CONVLORA_HOME", str(tmp_path))
@@ -96,13 +99,38 @@ def test_standardising_neither_uses_nor_replaces_the_remembered_source(tmp_path,
     assert reports and standardized.note.endswith("intensities standardised")
     assert not np.allclose(standardized.segmentation.probability, plain.segmentation.probability)
     assert jobs.known_source(model_file, small_volume, "cpu") is remembered
-    _, auto = drive(
+    auto_reports, auto = drive(
         jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event(), standardize="auto")
     )
     assert "intensities" in auto.note and "mask confidence" in auto.note
+    assert auto_reports[-1].total == auto_reports[-1].done == reports[-1].total  # one run, "on"'s: plain reused
     kept = standardized if "intensities standardised" in auto.note else plain
     np.testing.assert_array_equal(auto.segmentation.mask, kept.segmentation.mask)
     assert jobs.known_source(model_file, small_volume, "cpu") is remembered
+    before = remembered.mask.copy()
+    auto.segmentation.mask[:] = 1 - auto.segmentation.mask  # the user paints on the layer: what is kept stays
+    np.testing.assert_array_equal(remembered.mask, before)
+
+
+def test_standardising_auto_first_remembers_its_plain_run(tmp_path, monkeypatch, model_file, small_volume):
+    """Segment with "auto" before any plain Segment: its plain run is what Adapt's gate and a plain Segment reuse."""
+    import numpy as np
+
+    from napari_convlora.inference import segment
+    from napari_convlora.model import load_model
+
+    monkeypatch.setenv("CONVLORA_HOME", str(tmp_path))
+    jobs._SOURCE.clear()
+    both, _ = drive(
+        jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event(), standardize="auto")
+    )
+    remembered = jobs.known_source(model_file, small_volume, "cpu")
+    assert remembered is not None
+    np.testing.assert_array_equal(remembered.mask, segment(load_model(model_file), small_volume, device="cpu").mask)
+    again, _ = drive(
+        jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event(), standardize="auto")
+    )
+    assert again[-1].total < both[-1].total  # the second time only the standardised run is made
 
 
 def test_mirror_views_neither_use_nor_replace_the_remembered_source(tmp_path, monkeypatch, model_file, small_volume):

@@ -170,16 +170,22 @@ def test_auto_keeps_the_standardised_mask_only_if_it_is_surer(model_file, small_
     from napari_convlora.selection import iter_plain_and_standardized, mask_confidence
 
     base = load_model(model_file)
-    reports, (kept, other, note) = drive(iter_plain_and_standardized(base, small_volume, device="cpu"))
+    reports, choice = drive(iter_plain_and_standardized(base, small_volume, device="cpu"))
     assert reports[-1].done == reports[-1].total  # progress counts both runs
     plain = segment(base, small_volume, device="cpu")
     standardized = segment(base, small_volume, device="cpu", standardize=True)
     surer = mask_confidence(standardized.probability, standardized.mask) > mask_confidence(
         plain.probability, plain.mask
     )
-    expected, rest = (standardized, plain) if surer else (plain, standardized)
-    assert np.array_equal(kept.mask, expected.mask) and np.array_equal(other.mask, rest.mask)
-    assert note.startswith("intensities standardised" if surer else "intensities kept as they are")
+    assert np.array_equal(choice.plain.mask, plain.mask)
+    assert np.array_equal(choice.standardized.mask, standardized.mask)
+    assert choice.is_standardized == surer and choice.kept is (choice.standardized if surer else choice.plain)
+    assert choice.note.startswith("intensities standardised" if surer else "intensities kept as they are")
+    # the plain segmentation given: only the standardised run is made, and the verdict is the same
+    both = reports[-1].total
+    reports, again = drive(iter_plain_and_standardized(base, small_volume, device="cpu", plain=plain))
+    assert again.plain is plain and again.is_standardized == surer and again.note == choice.note
+    assert reports[-1].total == reports[-1].done < both
 
 
 def test_cli_segment_standardize_auto(capsys, tmp_path, small_path, model_file):

@@ -138,7 +138,8 @@ def segment_job(
     slice (``convlora segment --tta``); ``standardize``: "on" standardises the scan's
     intensities first, "auto" segments both ways and keeps the surer mask
     (``convlora segment --standardize on|auto``). The remembered source segmentation
-    that Adapt reuses is the plain one, so with either it is neither used nor replaced.
+    that Adapt reuses is the plain one: "on" neither uses nor replaces it; "auto"
+    with the source model uses it as its plain run, or remembers the plain run it made.
     """
     limit_threads()
     if standardize not in ("off", "on", "auto"):
@@ -146,10 +147,10 @@ def segment_job(
     if standardize == "auto" and spec == AUTO_LABEL:
         raise InputError("standardise 'auto' and adapter 'auto': choose the adapter, or standardise on or off")
     base = get_model(model_path)
-    plain = tta == 1 and standardize == "off"
+    plain = tta == 1 and standardize != "on"
     source = known_source(model_path, volume, device) if plain else None
     options = {"device": device, "tta": tta, "standardize": standardize == "on"}
-    if spec == AUTO_LABEL:
+    if spec == AUTO_LABEL:  # with standardize "auto" refused above
         files = [path for _, path, _ in library_files()]  # built-ins first: they win a name clash, as in the library
         choice = choose_adapter(base, volume, files, device=device)
         checked = yield from iter_segment_checked(
@@ -163,14 +164,19 @@ def segment_job(
         note += f", {tta} mirror views"
     if standardize == "on":
         note += ", intensities standardised"
-    if adapter is None and source is not None:  # the same scan, model and device: the same mask, already made
-        return SegmentResult(_own_mask(source), label, note)
     if standardize == "auto":
         options.pop("standardize")
-        kept = yield from iter_plain_and_standardized(base, volume, adapter, should_stop=stop.is_set, **options)
-        if kept is None or stop.is_set():
+        known = source if adapter is None else None
+        choice = yield from iter_plain_and_standardized(
+            base, volume, adapter, should_stop=stop.is_set, plain=known, **options
+        )
+        if choice is None or stop.is_set():
             return None
-        return SegmentResult(kept[0], label, f"{note}; {kept[2]}")
+        if adapter is None and plain and known is None:
+            remember_source(model_path, volume, device, choice.plain)
+        return SegmentResult(_own_mask(choice.kept), label, f"{note}; {choice.note}")
+    if adapter is None and source is not None:  # the same scan, model and device: the same mask, already made
+        return SegmentResult(_own_mask(source), label, note)
     result = None
     for report in iter_segment(base, volume, adapter, should_stop=stop.is_set, **options):
         if isinstance(report, SegmentProgress):
