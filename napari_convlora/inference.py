@@ -209,7 +209,8 @@ def iter_segment(
     With ``two_pass`` a coarse pass over every ``COARSE_X_STEP``-th sagittal
     slice localises the brain in 3D (:func:`brain_box`), and the full pass runs
     on that box only: the network never sees the neck below it, so it cannot
-    label it, and a scan with a long field of view costs fewer slices.
+    label it, and a scan with a long field of view costs fewer slices. The
+    slices the coarse pass read are not read again (:func:`reusable_slices`).
     ``tta``: mirror views averaged in the full pass (1, 2 or 4; the first pass
     only finds the box, so it reads each slice once). ``smooth_mm``: the
     Gaussian (sigma in mm) the mask's probability is smoothed with before the
@@ -228,6 +229,7 @@ def iter_segment(
     unet = fold_batch_norms(apply_adapter(base, adapter))  # a copy: the base model is never touched
     geometry, scaled = plan(volume, base.intensity_scaling, reference)
     count = _Count(total=geometry.n_slices, start=start)
+    known: dict[int, np.ndarray] = {}
     if two_pass:
         coarse = geometry.to_model(scaled, x_step=COARSE_X_STEP)
         count.total += len(coarse)
@@ -237,14 +239,50 @@ def iter_segment(
             return
         box = brain_box(geometry, expit(logits), COARSE_X_STEP)
         if box is not None:
-            geometry = geometry.restricted(box)
-            count.total = count.done + geometry.n_slices
+            fine = geometry.restricted(box)
+            if tta == 1:  # the fine pass's slices the coarse pass read (with mirror views they differ)
+                known = reusable_slices(geometry, fine, logits, COARSE_X_STEP)
+            geometry = fine
+            count.total = count.done + geometry.n_slices - len(known)
     stack = geometry.to_model(scaled)
+    todo = [i for i in range(len(stack)) if i not in known]
+    if known:
+        stack = stack[todo]
     logits = yield from _predict(unet, stack, torch_device, batch_size, precision, count, should_stop, tta)
     if logits is None:
         yield None
         return
+    if known:
+        full = np.empty((geometry.n_slices, *logits.shape[1:]), dtype=np.float32)
+        full[todo] = logits
+        for i, slice_logits in known.items():
+            full[i] = slice_logits
+        logits = full
     yield _finish(geometry, logits, volume, adapter, cleanup, smooth_mm, start)
+
+
+def reusable_slices(head: SliceGeometry, fine: SliceGeometry, coarse: np.ndarray, x_step: int) -> dict[int, np.ndarray]:
+    """The fine pass's slices the coarse pass already read: {index in ``fine``'s stack: its logits}.
+
+    Both passes resample the same sagittal slices to the same plane; the coarse
+    pass read every ``x_step``-th one on the head's crop, the fine pass reads the
+    brain's crop. Where the part of the brain's crop inside the plane lies inside
+    the head's crop, those slices' logits are a window of the coarse pass's (the
+    network saw more around them). Pixels of the crop outside the plane (zero
+    padding, dropped again on the way back to the file's grid) repeat the edge.
+    """
+    (hy0, hy1, hz0, hz1), (fy0, fy1, fz0, fz1) = head.crop, fine.crop
+    (ny, nz) = fine.plane_shape
+    wy0, wy1, wz0, wz1 = max(fy0, 0), min(fy1, ny), max(fz0, 0), min(fz1, nz)
+    if not (hy0 <= wy0 and wy1 <= hy1 and hz0 <= wz0 and wz1 <= hz1):
+        return {}
+    pad = ((wy0 - fy0, fy1 - wy1), (wz0 - fz0, fz1 - wz1))
+    out = {}
+    for i, x in enumerate(range(*fine.x_range)):
+        j, rest = divmod(x - head.x_range[0], x_step)
+        if rest == 0 and 0 <= j < len(coarse):
+            out[i] = np.pad(coarse[j, wy0 - hy0 : wy1 - hy0, wz0 - hz0 : wz1 - hz0], pad, mode="edge")
+    return out
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,7 @@ from napari_convlora.inference import (
     inference_dtype,
     iter_segment,
     predict_logits,
+    reusable_slices,
     segment,
     smooth_stack,
 )
@@ -132,6 +135,51 @@ def test_restricted_geometry_reads_the_same_voxels(small_volume):
     back = inner.from_model(np.ones_like(part))
     ras = inner.to_ras(back)
     assert ras[: box[0][0]].sum() == 0 and ras[box[0][1] :].sum() == 0  # nothing outside the box's slices
+
+
+def test_the_fine_pass_takes_the_coarse_pass_slices_from_it(small_volume):
+    """A slice both passes read is the coarse logits on the brain's crop; pixels off the plane repeat the edge."""
+    geometry, scaled = plan(small_volume, "tissue")
+    full = geometry.to_model(scaled)
+    coarse = np.random.default_rng(0).normal(size=full[::3].shape).astype(np.float32)
+    box = ((geometry.x_range[0] + 2, geometry.x_range[0] + 14), (10, 30), (12, 40))
+    fine = geometry.restricted(box)
+    known = reusable_slices(geometry, fine, coarse, 3)
+    positions = [x for x in range(*fine.x_range) if (x - geometry.x_range[0]) % 3 == 0]
+    assert sorted(known) == [x - fine.x_range[0] for x in positions] and len(known) == 4
+    (hy0, _, hz0, _), (fy0, fy1, fz0, fz1) = geometry.crop, fine.crop
+    for i, x in zip(sorted(known), positions, strict=True):
+        assert known[i].shape == (fy1 - fy0, fz1 - fz0)
+        window = coarse[(x - geometry.x_range[0]) // 3, fy0 - hy0 : fy1 - hy0, fz0 - hz0 : fz1 - hz0]
+        np.testing.assert_array_equal(known[i], window)  # the brain's crop lies inside the head's here
+    # a crop reaching off the plane: those pixels repeat the edge; a crop outside the head's: nothing reused
+    head = replace(geometry, crop=(0, geometry.plane_shape[0], *geometry.crop[2:]))
+    rows = (
+        np.random.default_rng(1).normal(size=(len(coarse), geometry.plane_shape[0], coarse.shape[2])).astype(np.float32)
+    )
+    edge = reusable_slices(head, replace(fine, crop=(-8, fy1, fz0, fz1)), rows, 3)
+    i = sorted(edge)[0]
+    np.testing.assert_array_equal(
+        edge[i][8:], rows[(fine.x_range[0] + i - geometry.x_range[0]) // 3, :fy1, fz0 - hz0 : fz1 - hz0]
+    )
+    np.testing.assert_array_equal(edge[i][:8], np.repeat(edge[i][8:9], 8, axis=0))
+    assert reusable_slices(replace(geometry, crop=(fy0 + 1, *geometry.crop[1:])), fine, coarse, 3) == {}
+
+
+def test_two_passes_read_each_slice_once(model, small_volume, monkeypatch):
+    """The fine pass leaves out the slices the coarse pass read; with mirror views it reads them all again."""
+    from napari_convlora import inference
+
+    read = []
+    predict = inference.predict_logits
+    monkeypatch.setattr(
+        inference, "predict_logits", lambda unet, stack, *a: read.append(len(stack)) or predict(unet, stack, *a)
+    )
+    segment(model, small_volume, device="cpu")
+    coarse_slices, fine_slices = read
+    read.clear()
+    segment(model, small_volume, device="cpu", tta=2)
+    assert read[0] == coarse_slices and read[1] > fine_slices
 
 
 def test_precision_choices(monkeypatch):
