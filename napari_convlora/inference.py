@@ -244,20 +244,17 @@ def iter_segment(
                 known = reusable_slices(geometry, fine, logits, COARSE_X_STEP)
             geometry = fine
             count.total = count.done + geometry.n_slices - len(known)
+        del coarse, logits
     stack = geometry.to_model(scaled)
+    del scaled  # the largest array but one; the probability volumes of _finish come next
+    for i, window in known.items():
+        stack[i] = window
     todo = [i for i in range(len(stack)) if i not in known]
-    if known:
-        stack = stack[todo]
-    logits = yield from _predict(unet, stack, torch_device, batch_size, precision, count, should_stop, tta)
+    del known
+    logits = yield from _predict(unet, stack, torch_device, batch_size, precision, count, should_stop, tta, todo)
     if logits is None:
         yield None
         return
-    if known:
-        full = np.empty((geometry.n_slices, *logits.shape[1:]), dtype=np.float32)
-        full[todo] = logits
-        for i, slice_logits in known.items():
-            full[i] = slice_logits
-        logits = full
     yield _finish(geometry, logits, volume, adapter, cleanup, smooth_mm, start)
 
 
@@ -301,16 +298,29 @@ def _predict(
     count: _Count,
     should_stop: Callable[[], bool] | None,
     tta: int = 1,
+    rows: list[int] | None = None,
 ) -> Generator[SegmentProgress, None, np.ndarray | None]:
-    """Logits of ``stack``, yielding progress per batch; None if ``should_stop`` said so."""
-    logits = np.empty_like(stack)
-    for first, batch in predict_logits(unet, stack, device, batch_size, precision, tta):
-        logits[first : first + len(batch)] = batch
-        count.done += len(batch)
-        yield SegmentProgress(count.done, count.total, time.perf_counter() - count.start)
-        if should_stop is not None and should_stop():
-            return None
-    return logits
+    """Logits of ``stack`` (its ``rows`` only; all by default), written over it; progress per batch.
+
+    In place: each batch's logits replace its slices once the network has read
+    them, so a scan costs one stack-sized array, not two. None if ``should_stop``
+    said so (``stack`` is then part logits, part slices).
+    """
+    index = np.arange(len(stack)) if rows is None else np.asarray(rows, dtype=np.intp)
+    for i in range(0, len(index), _ROWS_PER_READ):
+        where = index[i : i + _ROWS_PER_READ]
+        contiguous = where[-1] - where[0] + 1 == len(where)
+        part = stack[where[0] : where[-1] + 1] if contiguous else stack[where]  # a view, or a copy of a few slices
+        for first, batch in predict_logits(unet, part, device, batch_size, precision, tta):
+            stack[where[first : first + len(batch)]] = batch  # after the network read those slices
+            count.done += len(batch)
+            yield SegmentProgress(count.done, count.total, time.perf_counter() - count.start)
+            if should_stop is not None and should_stop():
+                return None
+    return stack
+
+
+_ROWS_PER_READ = 64  # slices copied at a time when only some rows of a stack are read (a multiple of every batch)
 
 
 def _finish(
