@@ -17,7 +17,6 @@ from functools import lru_cache
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import cKDTree
 from surface_distance import lookup_tables
 
 
@@ -105,6 +104,8 @@ def _distances(index: np.ndarray, target: np.ndarray, shape: tuple[int, ...], sp
     shared = np.isin(index, target, assume_unique=True, kind="sort")
     if shared.all():
         return out
+
+    from scipy.spatial import cKDTree  # here: importing scipy.spatial costs every `convlora segment` 70 ms
 
     voxels = np.stack(np.unravel_index(index[~shared], shape), axis=1)
     target_voxels = np.stack(np.unravel_index(target, shape), axis=1)
