@@ -155,15 +155,6 @@ def check_standardize(standardize: str, adapter: str) -> None:
         raise InputError(f"--standardize auto and --adapter {adapter}: standardise on or off with this adapter choice")
 
 
-def _returned(generator):
-    """Run a progress generator to its end and return what it returned."""
-    while True:
-        try:
-            next(generator)
-        except StopIteration as finished:
-            return finished.value
-
-
 def _segment(
     scan: Scan, model_path: str | None, device: str, adapters_dir: str, tta: int = 1, standardize: str = "off"
 ) -> tuple[object, object, str, bool]:
@@ -178,7 +169,7 @@ def _segment(
     from .adapt import AdaptConfig, run_adaptation
     from .adapters import save_adapter
     from .choose import choose_adapter, iter_segment_checked
-    from .inference import input_reference, segment
+    from .inference import input_reference, run_to_end, segment
     from .library import library_files, resolve_adapter
     from .nifti import load_volume
     from .selection import iter_plain_and_standardized
@@ -200,13 +191,13 @@ def _segment(
         return volume, result, "none (adaptation refused by the gate)", False
     if scan.adapter == "auto":
         choice = choose_adapter(base, volume, [path for _, _, path in library_files()], device=device)
-        checked = _returned(iter_segment_checked(base, volume, choice, device=device, tta=tta, standardize=on))
+        checked = run_to_end(iter_segment_checked(base, volume, choice, device=device, tta=tta, standardize=on))
         kept = choice.adapter if checked.label == choice.label else None
         standardized = input_reference(base, kept, on) is not None
         return volume, checked.segmentation, f"auto: {checked.label}", standardized
     adapter = resolve_adapter(scan.adapter)
     if standardize == "auto":
-        choice = _returned(iter_plain_and_standardized(base, volume, adapter, device=device, tta=tta))
+        choice = run_to_end(iter_plain_and_standardized(base, volume, adapter, device=device, tta=tta))
         return volume, choice.kept, scan.adapter, choice.is_standardized
     standardized = input_reference(base, adapter, on) is not None
     return volume, segment(base, volume, adapter, device=device, tta=tta, standardize=on), scan.adapter, standardized

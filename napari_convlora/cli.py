@@ -328,19 +328,10 @@ def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def _returned(generator):
-    """Run a generator of progress reports to the end and give back what it returns."""
-    while True:
-        try:
-            next(generator)
-        except StopIteration as stop:
-            return stop.value
-
-
 def cmd_segment(args: argparse.Namespace) -> dict:
     from .choose import choose_adapter, iter_segment_checked
     from .files import check_output_path
-    from .inference import segment
+    from .inference import run_to_end, segment
     from .library import library_files, resolve_adapter
     from .nifti import NIFTI_SUFFIXES, load_volume, save_mask
     from .selection import iter_plain_and_standardized
@@ -367,11 +358,11 @@ def cmd_segment(args: argparse.Namespace) -> dict:
         auto = choose_adapter(base, volume, [path for _, _, path in library_files()], device=args.device)
     start = time.perf_counter()  # "seconds" is segmentation time (auto's check segmentation included)
     if auto is not None:
-        checked = _returned(iter_segment_checked(base, volume, auto, **options))
+        checked = run_to_end(iter_segment_checked(base, volume, auto, **options))
         print(f"note: {checked.note}", file=sys.stderr)
         result = checked.segmentation
     elif args.standardize == "auto":
-        choice = _returned(iter_plain_and_standardized(base, volume, resolve_adapter(args.adapter), **options))
+        choice = run_to_end(iter_plain_and_standardized(base, volume, resolve_adapter(args.adapter), **options))
         result, standardized = choice.kept, choice.note
         print(f"note: {standardized}", file=sys.stderr)
     else:

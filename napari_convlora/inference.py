@@ -359,6 +359,15 @@ def smooth_stack(stack: np.ndarray, geometry: SliceGeometry, sigma_mm: float) ->
     return ndimage.gaussian_filter(stack, sigma, mode="nearest", output=stack)
 
 
+def run_to_end(generator: Generator):
+    """Run a generator of progress reports to its end and give back what it returned."""
+    while True:
+        try:
+            next(generator)
+        except StopIteration as finished:
+            return finished.value
+
+
 def segment(base: BaseModel, volume: Volume, adapter: Adapter | None = None, **kwargs) -> Segmentation:
     """Run :func:`iter_segment` to the end and return its result."""
     result = None

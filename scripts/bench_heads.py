@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_convlora.inference import PRECISIONS, TTA_MIRRORS, segment
+from napari_convlora.inference import PRECISIONS, TTA_MIRRORS, run_to_end, segment
 from napari_convlora.metrics import evaluate
 from napari_convlora.model import load_model
 from napari_convlora.nifti import load_mask, load_volume
@@ -52,13 +52,8 @@ def run(model, volume, variant: str, **options):
     """``segment`` as the variant says; ``standardize-auto`` as ``convlora segment --standardize auto``."""
     if variant != "standardize-auto":
         return segment(model, volume, **options, **VARIANTS[variant])
-    generator = iter_plain_and_standardized(model, volume, **options, **VARIANTS[variant])
-    while True:
-        try:
-            next(generator)
-        except StopIteration as stop:
-            choice = stop.value  # both runs: what the user waits for
-            return replace(choice.kept, seconds=choice.plain.seconds + choice.standardized.seconds)
+    choice = run_to_end(iter_plain_and_standardized(model, volume, **options, **VARIANTS[variant]))
+    return replace(choice.kept, seconds=choice.plain.seconds + choice.standardized.seconds)  # what the user waits for
 
 
 def score(pred: np.ndarray, gt) -> dict:
