@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .nifti import NIFTI_SUFFIXES, nifti_stem
+from .standardize import MODES
 
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
@@ -35,7 +36,6 @@ COLUMNS = (
     "input", "output", "status", "error", "adapter", "seconds", "volume_ml",
     "gt", "dice", "surface_dice", "hd95_mm", "worker", "standardized",
 )  # fmt: skip
-STANDARDIZE_CHOICES = ("off", "on", "auto")
 
 
 @dataclass(frozen=True)
@@ -149,8 +149,8 @@ def _model(path: str | None):
 
 def check_standardize(standardize: str, adapter: str) -> None:
     """Refuse a standardisation choice that cannot run with ``adapter`` before any scan is read."""
-    if standardize not in STANDARDIZE_CHOICES:
-        raise InputError(f"standardize must be one of {', '.join(STANDARDIZE_CHOICES)}, not {standardize!r}")
+    if standardize not in MODES:
+        raise InputError(f"standardize must be one of {', '.join(MODES)}, not {standardize!r}")
     if standardize == "auto" and adapter in ("auto", "adapt"):
         raise InputError(f"--standardize auto and --adapter {adapter}: standardise on or off with this adapter choice")
 

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .inference import PRECISIONS, SMOOTH_MM, TTA_MIRRORS
     from .objectives import OBJECTIVES
     from .selection import DEFAULT_GATE, GATES
+    from .standardize import MODES as STANDARDIZE_MODES
 
     parser = _Parser(prog="convlora", description="Skull stripping with per-scanner ConvLoRA adapters.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -114,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Gaussian sigma in mm on the probability before the threshold (default {SMOOTH_MM:g}; 0: off)",
     )
     p.add_argument(
-        "--standardize", nargs="?", const="on", default="off", choices=("off", "on", "auto"), help=STANDARDIZE_HELP
+        "--standardize", nargs="?", const="on", default="off", choices=STANDARDIZE_MODES, help=STANDARDIZE_HELP
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -294,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="on",
         default="off",
-        choices=("off", "on", "auto"),
+        choices=STANDARDIZE_MODES,
         help="as for segment (on with --adapter adapt: adapt on standardised slices; auto needs a fixed adapter)",
     )
     p.add_argument("--scheduler", default="local", help="local (a cluster of processes here) or tcp://HOST:PORT")

@@ -31,6 +31,7 @@ from skimage.filters import threshold_otsu
 from .errors import InputError
 
 METADATA_KEY = "intensity_landmarks"
+MODES = ("off", "on", "auto")  # --standardize: never, always, or both ways keeping the surer mask
 PERCENTILES = (1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0)
 _MIN_VOXELS = 1000  # fewer head voxels than this: no histogram to speak of, the scan is left as it is
 

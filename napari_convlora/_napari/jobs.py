@@ -40,6 +40,7 @@ from ..model import BaseModel, load_model
 from ..nifti import Volume
 from ..review import model_slices_around, model_slices_to_file, per_slice_surface_dice, surface_error_map
 from ..selection import iter_plain_and_standardized
+from ..standardize import MODES
 from .job_process import CHILD_ENV
 
 SOURCE_LABEL = "none (source model)"
@@ -142,7 +143,7 @@ def segment_job(
     with the source model uses it as its plain run, or remembers the plain run it made.
     """
     limit_threads()
-    if standardize not in ("off", "on", "auto"):
+    if standardize not in MODES:
         raise ValueError(f"unknown standardisation {standardize!r}")
     if standardize == "auto" and spec == AUTO_LABEL:
         raise InputError("standardise 'auto' and adapter 'auto': choose the adapter, or standardise on or off")

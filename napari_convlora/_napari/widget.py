@@ -282,12 +282,8 @@ class ConvLoRAWidget(QWidget):
         c = self.controls
         spec = c.adapter_combo.currentData() or jobs.SOURCE_LABEL
         adapter = {jobs.SOURCE_LABEL: "none", jobs.AUTO_LABEL: "auto"}.get(spec, spec)
-        device, tta, standardize = (
-            c.device_combo.currentText(),
-            c.tta_combo.currentData(),
-            c.standardize_combo.currentData(),
-        )
-        return adapter, device, self.model_path, tta, standardize
+        options = (c.device_combo.currentText(), self.model_path, c.tta_combo.currentData())
+        return adapter, *options, c.standardize_combo.currentData()
 
     def _model(self) -> Path:
         return self.model_path if self.model_path is not None else default_model_path()
