@@ -60,6 +60,10 @@ def _non_negative_float(text: str) -> float:
     return _number(text, float, 0.0, what="a number of at least 0")
 
 
+def _probability(text: str) -> float:
+    return _number(text, float, 0.0, math.nextafter(1.0, 2.0), what="a number from 0 to 1")
+
+
 def _seed(text: str) -> int:
     return _number(text, int, 0, 2**32, what="a whole number from 0 to 2**32 - 1")
 
@@ -229,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         default=0,
         help="processes that augment batches ahead (0: none; the batches are the same either way)",
+    )
+    p.add_argument(
+        "--contrast-curves",
+        type=_probability,
+        default=0.0,
+        metavar="P",
+        help="share of crops given a random T1-like tissue-contrast curve (0.5 for the shipped model; 0: none)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -576,6 +587,7 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
         device=args.device,
         intensity_scaling=args.intensity_scaling,
         workers=args.workers,
+        contrast_curves=args.contrast_curves,
     )
     # The code that trains is the code checked out now, not whatever HEAD is when training ends. A copy of
     # the tree sent to a training machine (no .git, or a stale one) names its revision in CONVLORA_GIT_REVISION.

@@ -1,12 +1,13 @@
 """Training the source model: the U-Net on labelled heads, then the Early Segmentation Head.
 
-Two real heads cannot teach a network much about other people and scanners,
+A few real heads cannot teach a network much about other people and scanners,
 so every sample is augmented: a random 2D affine (rotation, scale, shear,
 translation), a smooth elastic deformation, flips, a random crop (field of view), resolution loss
 (voxels up to 3 mm, thick slices), and intensity changes (gamma, a smooth multiplicative bias field,
-blur, noise, contrast). Heads with a neck (``scripts/prepare_heads.py``) give the crops real necks. The early
-head is trained afterwards on the same labels with the U-Net frozen, as in the
-ConvLoRA paper.
+blur, noise, contrast) and, with ``contrast_curves``, random T1-like tissue-contrast curves: what
+separates scanners is mostly the contrast map (BENCHMARKS.md section 2), which a gamma does not span.
+Heads with a neck (``scripts/prepare_heads.py``) give the crops real necks. The early head is trained
+afterwards on the same labels with the U-Net frozen, as in the ConvLoRA paper.
 
 :func:`train_source` is a generator of progress reports that writes a
 checkpoint (safetensors: model and Adam moments; JSON: step and settings) every
@@ -60,6 +61,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     intensity_scaling: str = "tissue"  # a key of geometry.INTENSITY_SCALINGS, recorded in the model file
     workers: int = 0  # processes that augment batches ahead (0: in the training process); same batches either way
+    contrast_curves: float = 0.0  # share of crops given a random T1-like tissue-contrast curve (contrast_curve)
 
 
 @dataclass(frozen=True)
@@ -124,10 +126,37 @@ def _low_resolution(image: np.ndarray, factors: np.ndarray) -> np.ndarray:
     return out
 
 
+# Where contrast_curve's control points sit on the tissue-scaled image: background, four tissue levels up to
+# white matter (~0.6 after geometry's "tissue" scaling), then fat and marrow.
+_CURVE_KNOTS = np.array([0.0, 0.15, 0.3, 0.45, 0.6, 0.8, 1.0, 1.5])
+
+
+def contrast_curve(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``image`` through a random increasing-up-to-white-matter intensity curve, fat and marrow at any level.
+
+    Scanners differ in how far apart CSF, grey and white matter lie and in how bright fat is (fat
+    suppression makes it dark); every such T1 keeps CSF < grey < white. The curve keeps that order (random
+    gaps, white matter at 0.45-0.75) and puts the three brighter control points anywhere in 0.15-1.5.
+    """
+    tissue = np.cumsum(rng.uniform(0.02, 0.25, 4))
+    tissue = tissue / tissue[-1] * rng.uniform(0.45, 0.75)
+    fat = rng.uniform(0.15, 1.0, 3)
+    levels = np.concatenate([[0.0], tissue, fat[:2], [fat[2] * 1.5]])
+    return np.interp(image, _CURVE_KNOTS, levels).astype(np.float32)
+
+
 def augment(
-    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, crop: tuple[int, int]
+    image: np.ndarray,
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    crop: tuple[int, int],
+    contrast_curves: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One randomly deformed, cropped and re-contrasted (image, mask) pair of size ``crop``."""
+    """One randomly deformed, cropped and re-contrasted (image, mask) pair of size ``crop``.
+
+    ``contrast_curves``: the probability of also passing the image through :func:`contrast_curve`
+    (0 draws nothing more from ``rng``, so older recipes give the very same samples).
+    """
     h, w = image.shape
     angle = np.deg2rad(rng.uniform(-20, 20))
     scale = rng.uniform(0.8, 1.25) * np.exp(rng.normal(0, 0.05, 2))
@@ -157,11 +186,18 @@ def augment(
     img = img * _bias_field(rng, crop, rng.uniform(0.0, 0.3))
     img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.05, 0.05)
     img = img + rng.normal(0, rng.uniform(0.0, 0.05), crop)
-    return np.clip(img, 0.0, 1.5).astype(np.float32), (msk > 0.5).astype(np.float32)
+    img = np.clip(img, 0.0, 1.5).astype(np.float32)
+    if contrast_curves > 0 and rng.random() < contrast_curves:
+        img = contrast_curve(img, rng)
+    return img, (msk > 0.5).astype(np.float32)
 
 
 def sample_batch(
-    heads: list[Head], rng: np.random.Generator, batch_size: int, crop: tuple[int, int]
+    heads: list[Head],
+    rng: np.random.Generator,
+    batch_size: int,
+    crop: tuple[int, int],
+    contrast_curves: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``batch_size`` augmented (image, mask) pairs as (B, 1, H, W) float32 arrays; 85% of them hold brain."""
     images, masks = [], []
@@ -169,7 +205,7 @@ def sample_batch(
         head = heads[rng.integers(len(heads))]
         with_brain = np.flatnonzero(head.masks.any(axis=(1, 2)))
         index = rng.choice(with_brain) if rng.random() < 0.85 and len(with_brain) else rng.integers(len(head.images))
-        image, mask = augment(head.images[index], head.masks[index], rng, crop)
+        image, mask = augment(head.images[index], head.masks[index], rng, crop, contrast_curves)
         images.append(image)
         masks.append(mask)
     return np.stack(images)[:, None], np.stack(masks)[:, None]
@@ -177,7 +213,8 @@ def sample_batch(
 
 def step_batch(heads: list[Head], config: TrainConfig, step: int) -> tuple[np.ndarray, np.ndarray]:
     """The augmented batch of training step ``step`` (1-based over both phases): a function of (seed, step) alone."""
-    return sample_batch(heads, np.random.default_rng([config.seed, step]), config.batch_size, config.crop)
+    rng = np.random.default_rng([config.seed, step])
+    return sample_batch(heads, rng, config.batch_size, config.crop, config.contrast_curves)
 
 
 _worker_heads: list[Head] = []
@@ -236,6 +273,8 @@ def heads_sha256(heads: list[Head]) -> str:
 def _resumable(config: TrainConfig, data_id: str) -> dict:
     """What must match for a checkpoint to continue: everything but the device and checkpoint cadence."""
     settings = {k: v for k, v in asdict(config).items() if k not in ("device", "checkpoint_every", "workers")}
+    if not settings["contrast_curves"]:  # as before the option existed: older checkpoints still resume
+        del settings["contrast_curves"]
     return json.loads(json.dumps({**settings, "data_sha256": data_id}))
 
 

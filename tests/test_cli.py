@@ -408,6 +408,7 @@ def test_train_source_refuses_clobbering_its_inputs_or_itself(capsys, tmp_path, 
     _expect_input_error(capsys, ["train-source", *head, "-o", out, "--checkpoint", out], "cannot be the output")
     _expect_input_error(capsys, ["train-source", *head, "-o", tmp_path / "m.pt"], ".safetensors")
     _expect_input_error(capsys, ["train-source", *head, "-o", out, "--checkpoint", small_mask_path], "--head inputs")
+    _expect_input_error(capsys, ["train-source", *head, "-o", out, "--contrast-curves", "1.5"], "from 0 to 1")
     bogus = tmp_path / "bogus.checkpoint"
     bogus.write_bytes(b"\x00" * 64)
     _expect_input_error(

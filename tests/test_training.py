@@ -11,7 +11,16 @@ import torch
 from napari_convlora.cli import main
 from napari_convlora.errors import InputError
 from napari_convlora.model import load_model
-from napari_convlora.training import TrainConfig, TrainDone, TrainStep, augment, load_heads, train_source
+from napari_convlora.training import (
+    TrainConfig,
+    TrainDone,
+    TrainStep,
+    augment,
+    contrast_curve,
+    load_heads,
+    step_batch,
+    train_source,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +40,28 @@ def test_augment_is_seeded_and_keeps_masks_binary(heads):
     assert a[0].shape == a[1].shape == (64, 48)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert set(np.unique(a[1])) <= {0.0, 1.0}
+
+
+def test_contrast_curves_keep_the_t1_tissue_order_and_change_only_the_image(heads):
+    ramp = np.linspace(0.0, 0.6, 61, dtype=np.float32)  # background up to white matter on the "tissue" scale
+    for seed in range(20):
+        out = contrast_curve(ramp, np.random.default_rng(seed))
+        assert out[0] == 0.0 and np.all(np.diff(out) > 0), seed  # CSF < grey < white kept
+        assert 0.45 - 1e-6 <= out[-1] <= 0.75 + 1e-6
+    image, mask = heads[0].images[20], heads[0].masks[20]
+    plain = augment(image, mask, np.random.default_rng(3), (64, 48), contrast_curves=0.0)
+    curved = augment(image, mask, np.random.default_rng(3), (64, 48), contrast_curves=1.0)
+    assert np.array_equal(plain[1], curved[1])  # same geometry, same mask
+    assert not np.allclose(plain[0], curved[0])
+    # 0 draws nothing more from the generator: the batches of recipes made before the option are unchanged
+    assert np.array_equal(plain[0], augment(image, mask, np.random.default_rng(3), (64, 48))[0])
+    half = TrainConfig(**{**TINY.__dict__, "batch_size": 16, "contrast_curves": 0.5})
+    with_curves, without = (
+        step_batch(heads, half, 1)[0],
+        step_batch(heads, TINY.__class__(**{**half.__dict__, "contrast_curves": 0.0}), 1)[0],
+    )
+    changed = [not np.array_equal(a, b) for a, b in zip(with_curves, without, strict=True)]
+    assert 0 < sum(changed) < len(changed)  # about half of the crops, not all, not none
 
 
 def test_a_few_steps_lower_the_loss(heads):
@@ -64,6 +95,8 @@ def test_resume_refuses_other_settings_or_data(tmp_path, heads, small_path, smal
     assert checkpoint.exists()
     with pytest.raises(InputError, match="other settings or data"):
         list(train_source(heads, TrainConfig(**{**TINY.__dict__, "steps": 4}), checkpoint))
+    with pytest.raises(InputError, match="other settings or data"):
+        list(train_source(heads, TrainConfig(**{**TINY.__dict__, "contrast_curves": 0.5}), checkpoint))
     flipped = load_heads([(small_path, small_mask_path)])
     flipped[0].masks[:] = 1 - flipped[0].masks
     with pytest.raises(InputError, match="other settings or data"):
@@ -114,6 +147,8 @@ def test_train_source_cli_records_how_the_weights_were_made(capsys, tmp_path, sm
             "cpu",
             "--intensity-scaling",
             "percentile",
+            "--contrast-curves",
+            "0.5",
             "--json",
         ]
     )
@@ -125,6 +160,7 @@ def test_train_source_cli_records_how_the_weights_were_made(capsys, tmp_path, sm
     assert model.intensity_scaling == "percentile" and model.metadata["training"]["config"]["intensity_scaling"]
     training = model.metadata["training"]
     assert "train-source" in training["command"] and training["config"]["seed"] == 0
+    assert training["config"]["contrast_curves"] == 0.5
     assert len(training["data"][0]["t1_sha256"]) == 64
     assert not (tmp_path / "model.safetensors.checkpoint").exists()
 
