@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -31,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -52,7 +54,8 @@ class TickRecorder:
     A late tick is charged to "napari adds the result layers" when the gap overlaps one of the
     widget's result handlers (they run on the GUI thread and create layers), else to what the
     widget was doing when the gap began: adaptation training, segmentation or metrics in a
-    worker thread, or nothing.
+    worker thread, or nothing. Python's cyclic garbage collections on the GUI thread are timed
+    too (``gc.callbacks``): how much of each phase's worst delay was a collection.
     """
 
     def __init__(self, widget) -> None:
@@ -60,6 +63,9 @@ class TickRecorder:
         self.gaps: list[tuple[float, float, str]] = []  # (start, end, state at start)
         self.handlers: list[tuple[float, float]] = []
         self.handler_ms: dict[str, float] = {}  # slowest run of each result handler
+        self.collections: list[tuple[float, float, int]] = []  # (start, end, generation) on the GUI thread
+        self._gc_started = 0.0
+        gc.callbacks.append(self._gc)
         self._last = time.perf_counter()
         self._state = self.state()
         self.tag = ""  # appended to every phase name from now on (e.g. " (again)" for the repeated Segment)
@@ -81,6 +87,19 @@ class TickRecorder:
 
         return run
 
+    def _gc(self, phase: str, info: dict) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        now = time.perf_counter()
+        if phase == "start":
+            self._gc_started = now
+        else:
+            self.collections.append((self._gc_started, now, info["generation"]))
+
+    def gc_ms(self, start: float, end: float) -> float:
+        """Milliseconds of garbage collection on the GUI thread between ``start`` and ``end``."""
+        return sum(max(0.0, min(end, c1) - max(start, c0)) for c0, c1, _ in self.collections) * 1000
+
     def state(self) -> str:
         jobs_running = self.widget.jobs
         if "adapt" in jobs_running:
@@ -101,22 +120,31 @@ class TickRecorder:
         self._last, self._state = now, self.state()
 
     def summary(self) -> dict[str, dict[str, float]]:
-        groups: dict[str, list[float]] = {}
+        groups: dict[str, list[tuple[float, float, float]]] = {}
         for start, end, state in self.gaps:
             in_handler = any(h0 < end and h1 > start for h0, h1 in self.handlers)
             tag = state[state.index(" (again)") :] if " (again)" in state else ""
             key = f"napari adds the result layers (GUI thread){tag}" if in_handler else state
-            groups.setdefault(key, []).append((end - start) * 1000 - TICK_MS)
+            groups.setdefault(key, []).append(((end - start) * 1000 - TICK_MS, start, end))
         out = {}
-        for key, delays in groups.items():
-            d = sorted(delays)
+        for key, gaps in groups.items():
+            d = sorted(delay for delay, _, _ in gaps)
+            _, worst_start, worst_end = max(gaps)
             out[key] = {
                 "ticks": len(d),
                 "worst_delay_ms": round(d[-1], 1),
+                "gc_in_worst_delay_ms": round(self.gc_ms(worst_start, worst_end), 1),
                 "p99_delay_ms": round(d[min(len(d) - 1, int(0.99 * len(d)))], 1),
                 "median_delay_ms": round(statistics.median(d), 1),
             }
         return out
+
+    def gc_summary(self) -> dict[str, float]:
+        """How many collections ran on the GUI thread while recording, and the longest one per generation."""
+        longest = {f"gen{g}": 0.0 for g in range(3)}
+        for start, end, generation in self.collections:
+            longest[f"gen{generation}"] = max(longest[f"gen{generation}"], round((end - start) * 1000, 1))
+        return {"collections": len(self.collections), "longest_ms": longest}
 
 
 def wait_until(condition, timeout_s: float) -> None:
@@ -277,6 +305,7 @@ def run() -> dict:
         "adapt_status": widget.controls.adapt_status.text(),
         "event_loop": recorder.summary(),
         "slowest_result_handler_ms": recorder.handler_ms,
+        "garbage_collection": recorder.gc_summary(),
         "cpu_per_phase": meter.phases,
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "metrics": {
