@@ -19,6 +19,7 @@ from napari_convlora.inference import (
     SegmentProgress,
     brain_box,
     clean_mask,
+    cpu_streams,
     inference_dtype,
     iter_segment,
     predict_logits,
@@ -193,6 +194,32 @@ def test_precision_choices(monkeypatch):
     assert inference_dtype(cpu, "auto") == torch.bfloat16
     with pytest.raises(InputError, match="unknown precision 'half'"):
         inference_dtype(cpu, "half")
+
+
+def test_two_cpu_streams_give_the_same_logits_in_order_and_restore_the_threads(model, small_volume, monkeypatch):
+    """Batches computed two at once come back in order, equal to one at a time; torch's threads are put back."""
+    cpu = torch.device("cpu")
+    geometry, scaled = plan(small_volume, model.intensity_scaling)
+    stack = geometry.to_model(scaled)[:11]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert cpu_streams(cpu, 3) == 2 and cpu_streams(cpu, 1) == 1 and cpu_streams(torch.device("cuda"), 3) == 1
+        together = list(predict_logits(model.unet, stack, cpu, 2, "float32"))
+        assert torch.get_num_threads() == 2
+        assert [start for start, _ in together] == [0, 2, 4, 6, 8, 10]
+        generator = predict_logits(model.unet, stack, cpu, 2, "float32")
+        next(generator)
+        assert torch.get_num_threads() == 1  # each stream on one thread while the stack is read
+        generator.close()  # a cancelled segmentation: the threads come back too
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr("napari_convlora.inference.cpu_streams", lambda device, batches: 1)
+        alone = list(predict_logits(model.unet, stack, cpu, 2, "float32"))
+    finally:
+        torch.set_num_threads(threads)
+    for (a_start, a), (b_start, b) in zip(together, alone, strict=True):
+        assert a_start == b_start
+        np.testing.assert_allclose(a, b, atol=1e-5)  # one thread or two: float sums in another order
 
 
 def test_mirror_views_average_the_mirrored_predictions(model, small_volume):
