@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_probability,
         default=0.0,
         metavar="P",
-        help="share of crops given a random T1-like tissue-contrast curve (0.5 for the shipped model; 0: none)",
+        help="share of crops given a random T1-like tissue-contrast curve (0: none, the shipped model's recipe)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
