@@ -30,13 +30,11 @@ def test_one_small_adapter_per_profile_fits_the_shipped_model(shipped, profile):
 
 def test_shipped_model_metadata_records_how_it_was_made(shipped):
     """Every stage of its training, back to the one from random weights: command, settings, data, revision."""
-    training, stages = shipped.metadata["training"], 0
+    training = shipped.metadata["training"]
     while training is not None:
-        stages += 1
         assert training["command"].startswith("convlora train-source")
         assert isinstance(training["config"]["seed"], int) and training["git_revision"] and training["data"]
         init = training.get("init")
         training = None if init is None else init["training"]
         if init is not None:
             assert len(init["model_id"]) == 64
-    assert stages >= 1
