@@ -21,6 +21,7 @@ import sys
 import numpy as np
 
 from napari_convlora.benchmark import MIN_GAP, SOURCE_PROFILE
+from napari_convlora.selection import GATE_MARGINS, accepted
 
 METHODS = ("source", "standardize", "convlora+adabn")
 
@@ -33,7 +34,8 @@ def mean_surface_dice(cells: dict, method: str, profile: str, seeds: list[int], 
     values = []
     for seed in seeds:
         cell = cells[(method, profile, seed)]
-        if gated and method != "source" and not cell["confidence"] > cell["source_confidence"]:
+        kept = accepted(cell["confidence"], cell["source_confidence"], GATE_MARGINS["confidence"])
+        if gated and method != "source" and not kept:
             cell = cells[("source", profile, seed)]
         values.append(cell["surface_dice"])
     return float(np.mean(values))
