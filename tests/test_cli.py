@@ -16,6 +16,7 @@ import torch
 
 from napari_convlora.cli import main
 from napari_convlora.model import save_model
+from napari_convlora.nifti import load_mask
 
 from .conftest import DATA, SAMPLE_MASK, make_model
 
@@ -390,6 +391,18 @@ def test_console_script_runs_as_a_process(tmp_path, small_path, model_file):
         env=env,
     )
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stdout == ""
+    # segment ends its process without the interpreter's teardown: what it printed, block-buffered into a pipe,
+    # must still arrive whole
+    buffered = {k: v for k, v in env.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run(
+        [*command, "segment", small_path, "-o", tmp_path / "m.nii.gz", "--model", model_file, "--json"],
+        capture_output=True,
+        text=True,
+        env=buffered,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["output"] == str(tmp_path / "m.nii.gz")
+    assert load_mask(tmp_path / "m.nii.gz").data.any()
 
 
 def test_more_usage_errors_stay_one_line(capsys, tmp_path, small_path, model_file, monkeypatch):
