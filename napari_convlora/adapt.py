@@ -68,6 +68,7 @@ from .selection import (
     GATE_MARGINS,
     GATES,
     accepted,
+    confidence_margin,
     consistency,
     iter_source_and_adapted,
     mask_confidence,
@@ -411,13 +412,16 @@ def adapt(
             yield AdaptCancelled(step, time.perf_counter() - start)
             return
         gate_source_score, gate_score, segmentation = gate_scores
-    is_accepted = accepted(gate_score, gate_source_score, config.margin)
+    margin = config.margin
+    if config.gate == "confidence" and config.gate_margin is None:  # a margin set by the caller is kept as it is
+        margin = confidence_margin(gate_source_score, margin)
+    is_accepted = accepted(gate_score, gate_source_score, margin)
     seconds = time.perf_counter() - start
     metadata.update(
         gate=config.gate,
         gate_score=round(gate_score, 5),
         gate_source_score=round(gate_source_score, 5),
-        gate_margin=config.margin,
+        gate_margin=margin,
         accepted=is_accepted,
         seconds=round(seconds, 3),
     )

@@ -60,7 +60,7 @@ from .metrics import evaluate
 from .model import BaseModel, UNet2D
 from .nifti import Volume
 from .objectives import PRIOR_OBJECTIVES
-from .selection import GATE_MARGIN, GATE_MARGINS, accepted, consistency, mask_confidence
+from .selection import GATE_MARGIN, GATE_MARGINS, accepted, accepted_by_confidence, consistency, mask_confidence
 from .shape_prior import ShapePrior
 from .simulate import PROFILES, SOURCE_PROFILE, simulate
 from .standardize import IntensityReference
@@ -412,6 +412,8 @@ GATE_CRITERION_MARGINS = {
 
 
 def _passes(cell: Cell, criterion: str) -> bool:
+    if criterion == "confidence":
+        return accepted_by_confidence(cell.confidence, cell.source_confidence)
     return accepted(
         getattr(cell, criterion), getattr(cell, GATE_CRITERIA[criterion]), GATE_CRITERION_MARGINS[criterion]
     )

@@ -45,7 +45,13 @@ from .inference import Segmentation, SegmentProgress, iter_segment
 from .library import ADAPTER_SUFFIX
 from .model import BaseModel, UNet2D
 from .nifti import Volume
-from .selection import GATE_MARGIN, GATE_MARGINS, accepted, consistency, iter_source_and_adapted, mask_confidence
+from .selection import (
+    GATE_MARGIN,
+    accepted_by_confidence,
+    consistency,
+    iter_source_and_adapted,
+    mask_confidence,
+)
 
 SOURCE = "source"
 CRITERIA = {
@@ -192,7 +198,7 @@ def iter_segment_checked(
     source, picked = pair
     ours, theirs = mask_confidence(picked.probability, picked.mask), mask_confidence(source.probability, source.mask)
     verdict = f"mask confidence {ours:.4f} against the source model's {theirs:.4f}"
-    if accepted(ours, theirs, GATE_MARGINS["confidence"]):
+    if accepted_by_confidence(ours, theirs):
         return CheckedSegmentation(picked, choice.label, f"{choice.reason}; do-no-harm check passed ({verdict})")
     note = f"{choice.reason}; but its mask is no more confident than the source model's ({verdict}): source model kept"
     return CheckedSegmentation(source, SOURCE, note)

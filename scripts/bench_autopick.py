@@ -31,7 +31,7 @@ from napari_convlora.library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, SOURCE_MOD
 from napari_convlora.metrics import evaluate
 from napari_convlora.model import load_model
 from napari_convlora.nifti import load_volume
-from napari_convlora.selection import GATE_MARGINS, accepted, mask_confidence
+from napari_convlora.selection import accepted_by_confidence, mask_confidence
 from napari_convlora.simulate import PROFILES, SOURCE_PROFILE, simulate
 
 SLACK = 0.01  # a pick may cost at most this much surface Dice against the source model (the bar)
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
                 source, source_confidence = scored(SOURCE, None)
                 picked, picked_confidence = scored(choice.label, choice.adapter)
                 # what the do-no-harm gate of adaptation would make of the pick (selection.GATES["confidence"])
-                gated = picked if accepted(picked_confidence, source_confidence, GATE_MARGINS["confidence"]) else source
+                gated = picked if accepted_by_confidence(picked_confidence, source_confidence) else source
                 row = {
                     "seed": seed,
                     "profile": profile,

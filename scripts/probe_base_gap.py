@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 from napari_convlora.benchmark import MIN_GAP, SOURCE_PROFILE
-from napari_convlora.selection import GATE_MARGINS, accepted
+from napari_convlora.selection import accepted_by_confidence
 
 METHODS = ("source", "standardize", "convlora+adabn")
 
@@ -34,7 +34,7 @@ def mean_surface_dice(cells: dict, method: str, profile: str, seeds: list[int], 
     values = []
     for seed in seeds:
         cell = cells[(method, profile, seed)]
-        kept = accepted(cell["confidence"], cell["source_confidence"], GATE_MARGINS["confidence"])
+        kept = accepted_by_confidence(cell["confidence"], cell["source_confidence"])
         if gated and method != "source" and not kept:
             cell = cells[("source", profile, seed)]
         values.append(cell["surface_dice"])

@@ -6,7 +6,7 @@ Usage:
 Reads the cells of ``convlora benchmark`` runs on one base model and head
 (several files are merged: their source cells are the same), and for every
 set of up to ``--max-methods`` adapted methods applies one rule per cell: of
-the masks whose mask confidence beats the source model's by the gate's margin,
+the masks that pass the confidence gate (``selection.accepted_by_confidence``),
 keep the most confident; if none does, the source model's. Prints, per set,
 the recovered share of the gap (as the benchmark computes it, over profiles
 with a gap of at least ``MIN_GAP``, stress profiles left out), the worst and
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_convlora.benchmark import MIN_GAP, PROFILES, SOURCE_PROFILE
-from napari_convlora.selection import GATE_MARGINS
+from napari_convlora.selection import accepted_by_confidence
 
 
 def load_cells(paths: list[Path]) -> dict[tuple[str, int, str], dict]:
@@ -43,7 +43,6 @@ def pick(cells: dict, methods: tuple[str, ...], oracle: bool = False) -> tuple[f
     With ``oracle`` the mask with the best true surface Dice (the source model's
     included) is kept instead: the ceiling of any label-free selection among ``methods``.
     """
-    margin = GATE_MARGINS["confidence"]
     scans = sorted({(p, s) for p, s, m in cells if m == "source" and not PROFILES[p].stress})
     change: dict[str, list[float]] = {}
     for profile, seed in scans:
@@ -51,7 +50,8 @@ def pick(cells: dict, methods: tuple[str, ...], oracle: bool = False) -> tuple[f
         passed = [
             cells[profile, seed, m]
             for m in methods
-            if (profile, seed, m) in cells and cells[profile, seed, m]["confidence"] > source["confidence"] + margin
+            if (profile, seed, m) in cells
+            and accepted_by_confidence(cells[profile, seed, m]["confidence"], source["confidence"])
         ]
         kept = max(passed, key=lambda c: c["confidence"]) if passed else source
         if oracle:

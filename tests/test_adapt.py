@@ -23,7 +23,7 @@ from napari_convlora.adapt import (
 from napari_convlora.adapters import apply_adapter, encoder_batchnorms, inject_convlora, moe_layers
 from napari_convlora.errors import InputError
 from napari_convlora.inference import segment
-from napari_convlora.selection import GATE_MARGINS, mask_confidence
+from napari_convlora.selection import confidence_margin, mask_confidence
 
 QUICK = AdaptConfig(slices=4, epochs=2, batch_size=2, lr=1e-3, seed=0, device="cpu")
 
@@ -46,7 +46,8 @@ def test_reports_in_order_and_a_usable_adapter(model, small_volume):
     gate = [r for r in reports if isinstance(r, GateProgress)]
     assert gate and gate[-1].done == gate[-1].total and [r.done for r in gate] == sorted(r.done for r in gate)
     assert done.gate == "confidence" and 0.0 <= done.gate_source_score <= 1.0 and 0.0 <= done.gate_score <= 1.0
-    assert done.accepted == (done.gate_score > done.gate_source_score + GATE_MARGINS["confidence"])
+    assert done.accepted == (done.gate_score > done.gate_source_score + confidence_margin(done.gate_source_score))
+    assert done.adapter.metadata["gate_margin"] == confidence_margin(done.gate_source_score)
     assert done.adapter.metadata["gate_score"] == round(done.gate_score, 5)
     source = segment(model, small_volume, device="cpu")
     assert done.gate_source_score == pytest.approx(mask_confidence(source.probability, source.mask))

@@ -26,7 +26,11 @@ from napari_convlora.objectives import (
 from napari_convlora.selection import (
     DEFAULT_GATE,
     GATE_MARGINS,
+    SURE_SOURCE_CONFIDENCE,
+    SURE_SOURCE_MARGIN,
     accepted,
+    accepted_by_confidence,
+    confidence_margin,
     consistency,
     mask_confidence,
     perturbations,
@@ -151,6 +155,16 @@ def test_gate_rule():
     assert accepted(0.90, 0.85, 0.005) and not accepted(0.853, 0.85, 0.005) and not accepted(0.80, 0.85, 0.005)
 
 
+def test_the_confidence_gate_asks_more_of_a_sure_source_model():
+    """Below SURE_SOURCE_CONFIDENCE any gain in confidence passes; from it on, only a gain over SURE_SOURCE_MARGIN."""
+    unsure, sure = SURE_SOURCE_CONFIDENCE - 0.02, SURE_SOURCE_CONFIDENCE + 0.03
+    assert confidence_margin(unsure) == GATE_MARGINS["confidence"] and confidence_margin(sure) == SURE_SOURCE_MARGIN
+    assert accepted_by_confidence(unsure + 0.005, unsure) and not accepted_by_confidence(unsure, unsure)
+    assert not accepted_by_confidence(sure + SURE_SOURCE_MARGIN / 2, sure)
+    assert accepted_by_confidence(sure + 2 * SURE_SOURCE_MARGIN, sure)
+    assert not accepted_by_confidence(sure - 0.01, sure)
+
+
 @pytest.fixture(scope="module")
 def shipped():
     return load_model(default_model_path())
@@ -167,7 +181,8 @@ def test_the_gate_refuses_a_harmful_adapter(shipped, small_volume, gate):
     if gate == "consistency":
         assert (done.gate_score, done.gate_source_score) == (done.score, done.source_score)
     meta = done.adapter.metadata
-    assert meta["accepted"] is False and meta["gate"] == gate and meta["gate_margin"] == GATE_MARGINS[gate]
+    margin = confidence_margin(done.gate_source_score) if gate == "confidence" else GATE_MARGINS[gate]
+    assert meta["accepted"] is False and meta["gate"] == gate and meta["gate_margin"] == margin
     harmed = apply_adapter(shipped, done.adapter)
     assert consistency(harmed, torch.rand(2, 1, 64, 64)) >= 0.0  # the adapter still loads and runs
 
