@@ -200,5 +200,6 @@ def iter_segment_checked(
     verdict = f"mask confidence {ours:.4f} against the source model's {theirs:.4f}"
     if accepted_by_confidence(ours, theirs):
         return CheckedSegmentation(picked, choice.label, f"{choice.reason}; do-no-harm check passed ({verdict})")
-    note = f"{choice.reason}; but its mask is no more confident than the source model's ({verdict}): source model kept"
+    note = f"{choice.reason}; but its mask is not surer than the source model's by the gate's margin ({verdict})"
+    note += ": source model kept"
     return CheckedSegmentation(source, SOURCE, note)

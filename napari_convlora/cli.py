@@ -1050,10 +1050,11 @@ def run() -> int:
 def exit_now(code: int) -> None:
     """Flush stdout and stderr and end the process without the interpreter's teardown.
 
-    Tearing down an interpreter that imported torch took 0.2 to 0.3 s, 6% of a
-    ``convlora segment`` of ds000031 (whole processes, five each, interleaved:
-    median 3.59 s with it, 3.36 s without; BENCHMARKS.md section 4), and a
-    pipeline runs one process per scan. Only after ``segment``: by then the
+    Tearing down an interpreter that imported torch took about 0.2 s (and
+    more on a busy machine): ``convlora segment`` of ds000031, whole processes
+    interleaved with the version before, medians 3.39 → 3.29 s over 7 runs and
+    4.35 → 3.93 s over 10 (BENCHMARKS.md section 4, item 9); a pipeline pays
+    it once per scan. Only after ``segment``: by then the
     mask is written (renamed into place) and the command holds nothing that
     needs closing; ``batch``'s dask cluster and the training commands' files are
     left to the normal exit.

@@ -137,7 +137,7 @@ class Controls(QWidget):
         self.objective_combo.addItems(OBJECTIVES)
         self.keep_rejected_check = QCheckBox("keep the adapter even if the gate refuses it")
         self.keep_rejected_check.setToolTip(
-            "Save the adapter even when its mask is no more confident than the source model's (do-no-harm gate)"
+            "Save the adapter even when the do-no-harm gate refuses it (its mask not surer than the source model's)"
         )
         self.name_edit = QLineEdit()
         self.name_edit.setPlaceholderText("adapter name, e.g. philips-3t")
