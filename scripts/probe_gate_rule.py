@@ -22,8 +22,9 @@ import glob
 import json
 
 import numpy as np
+from probe_pick_objective import recovered_share  # scripts/ is on the path when this runs as a script
 
-from napari_convlora.benchmark import MIN_GAP, PROFILES, SOURCE_PROFILE
+from napari_convlora.benchmark import PROFILES
 
 HELD_OUT = "_r3_"
 METHODS = ("convlora+adabn", "standardize", "standardize+convlora+adabn", "stats+prior", "stats", "prior")
@@ -49,17 +50,8 @@ def evaluate(cells: dict, method: str, threshold: float, margin: float) -> tuple
         need = 0.0 if source["confidence"] < threshold else margin
         kept = cell if cell is not None and cell["confidence"] > source["confidence"] + need else source
         change.setdefault(profile, []).append(kept["surface_dice"] - source["surface_dice"])
-    shares = []
-    for profile, deltas in change.items():
-        if profile == SOURCE_PROFILE:
-            continue
-        seeds = [s for p, s in scans if p == profile]
-        gap = np.mean([cells[SOURCE_PROFILE, s, "source"]["surface_dice"] - cells[profile, s, "source"]["surface_dice"]
-                       for s in seeds])  # fmt: skip
-        if gap >= MIN_GAP:
-            shares.append(np.mean(deltas) / gap)
     every = [d for deltas in change.values() for d in deltas]
-    return (float(np.mean(shares)) if shares else float("nan")), float(min(every))
+    return recovered_share(cells, change), float(min(every))
 
 
 def rows(files: dict, held_out: bool, threshold: float, margin: float) -> list[tuple[str, str, float, float]]:
