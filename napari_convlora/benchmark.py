@@ -60,7 +60,16 @@ from .metrics import evaluate
 from .model import BaseModel, UNet2D
 from .nifti import Volume
 from .objectives import PRIOR_OBJECTIVES
-from .selection import GATE_MARGIN, GATE_MARGINS, accepted, accepted_by_confidence, consistency, mask_confidence
+from .selection import (
+    GATE_MARGIN,
+    GATE_MARGINS,
+    SURE_SOURCE_CONFIDENCE,
+    SURE_SOURCE_MARGIN,
+    accepted,
+    accepted_by_confidence,
+    consistency,
+    mask_confidence,
+)
 from .shape_prior import ShapePrior
 from .simulate import PROFILES, SOURCE_PROFILE, simulate
 from .standardize import IntensityReference
@@ -527,6 +536,7 @@ def markdown(summary: dict) -> str:
             "",
             "Do-no-harm gate (accept if the label-free score beats the source model's by the margin: "
             + ", ".join(f"{k} {v}" for k, v in GATE_CRITERION_MARGINS.items())
+            + f", raised to {SURE_SOURCE_MARGIN} from a source confidence of {SURE_SOURCE_CONFIDENCE}"
             + "; stress profiles out):",
             "",
             "| gate score | method | accepted | worst vs source, no gate | with gate | mean gain, no gate | with gate "
