@@ -124,6 +124,13 @@ class AdaptConfig:
     def margin(self) -> float:
         return GATE_MARGINS[self.gate] if self.gate_margin is None else self.gate_margin
 
+    def margin_for(self, source_score: float) -> float:
+        """The gate's margin on a scan: the caller's as given, else the gate's own (for confidence, the
+        higher margin where the source model is already sure: :func:`selection.confidence_margin`)."""
+        if self.gate == "confidence" and self.gate_margin is None:
+            return confidence_margin(source_score, self.margin)
+        return self.margin
+
 
 @dataclass(frozen=True)
 class StepReport:
@@ -412,9 +419,7 @@ def adapt(
             yield AdaptCancelled(step, time.perf_counter() - start)
             return
         gate_source_score, gate_score, segmentation = gate_scores
-    margin = config.margin
-    if config.gate == "confidence" and config.gate_margin is None:  # a margin set by the caller is kept as it is
-        margin = confidence_margin(gate_source_score, margin)
+    margin = config.margin_for(gate_source_score)
     is_accepted = accepted(gate_score, gate_source_score, margin)
     seconds = time.perf_counter() - start
     metadata.update(
