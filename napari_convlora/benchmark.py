@@ -27,6 +27,8 @@ carried onto the simulated grid. Methods:
   same target slices: what labels would buy with the same slice budget;
 - ``standardize``: the source model on the scan's intensities standardised to its
   training heads' (:mod:`napari_convlora.standardize`), nothing trained;
+  ``standardize-brain``: the same, then the brain's landmarks too, under that
+  first standardised mask (two segmentations, nothing trained);
   ``standardize+convlora+adabn``: ``convlora+adabn`` on standardised slices.
 
 Every cell also records the label-free scores a user would have (the
@@ -93,6 +95,7 @@ METHODS: dict[str, str] = {
     "full-ft": "full fine-tuning of the U-Net on its own thresholded predictions (pseudo-labels)",
     "oracle": "full fine-tuning of the U-Net on the true labels of the same slices (upper bound)",
     "standardize": "source model on the scan's intensities standardised to its training heads'; nothing trained",
+    "standardize-brain": "as standardize, then the brain's landmarks too, under the standardised mask",
     "standardize+convlora+adabn": "ConvLoRA + AdaBN (as convlora+adabn) on standardised slices",
 }
 STANDARDIZED = "standardize+"  # a method name that starts so runs the adapter method after it on standardised slices
@@ -129,6 +132,7 @@ class Adapted:
     seconds: float
     agreement: float | None = None
     standardize: bool = False  # the scan is standardised before this model reads it (napari_convlora.standardize)
+    brain: bool = False  # its brain's landmarks too, where a first standardised segmentation found the brain
 
 
 # Adapter methods: (kind, objective, AdaBN, epoch selection).
@@ -205,9 +209,9 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
     start = time.perf_counter()
     if method == "source":
         return Adapted(base, 0, 0.0)
-    if method == "standardize":
+    if method in ("standardize", "standardize-brain"):
         IntensityReference.of_model(base)  # the landmarks are read when the scan is segmented
-        return Adapted(base, 0, 0.0, standardize=True)
+        return Adapted(base, 0, 0.0, standardize=True, brain=method == "standardize-brain")
     standardized = method.startswith(STANDARDIZED)
     if method.removeprefix(STANDARDIZED) in ADAPTER_METHODS:
         kind, objective, adabn, selection = ADAPTER_METHODS[method.removeprefix(STANDARDIZED)]
@@ -311,8 +315,12 @@ def run_benchmark(
     """Yield one :class:`Cell` per (profile, seed, method) not already in ``done``."""
     if any(ADAPTER_METHODS.get(m.removeprefix(STANDARDIZED), ("", ""))[1] in PRIOR_OBJECTIVES for m in methods):
         ShapePrior.of_model(base)  # before any cell
-    if any(m == "standardize" or m.startswith(STANDARDIZED) for m in methods):
-        IntensityReference.of_model(base)
+    if any(m.startswith("standardize") for m in methods):
+        reference = IntensityReference.of_model(base)
+        if "standardize-brain" in methods and reference.brain is None:
+            raise InputError(
+                f"{base.path}: this model has no brain intensity landmarks; add them with scripts/add_shape_prior.py"
+            )
     finished = {(c.profile, c.seed, c.method) for c in done}
     for seed in seeds:
         for profile in profiles:
@@ -340,6 +348,8 @@ def run_benchmark(
                 if agreed is None:
                     agreed = early_agreement(adapted.model, base, *seen)
                 result = segment(adapted.model, scan, device=config.device, standardize=adapted.standardize)
+                if adapted.brain:  # the second run, as `segment --standardize auto` makes it
+                    result = segment(adapted.model, scan, device=config.device, standardize=True, brain=result.mask)
                 scores = evaluate(result.mask, reference.data, scan.spacing, tolerance_mm)
                 confidence = round(mask_confidence(result.probability, result.mask), 5)
                 if method == "source":

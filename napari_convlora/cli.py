@@ -900,7 +900,9 @@ def cmd_gui(args: argparse.Namespace) -> dict:
 STANDARDIZE_HELP = (
     "map the scan's intensity histogram (nine percentiles of the head) onto the model's training heads' before "
     "the network reads it: no training, helps on scanners with another contrast (BENCHMARKS.md section 2); "
-    "auto: segment both ways and keep the standardised mask only if it is more confident (twice the time)"
+    "auto: segment as it is, standardised, and standardised on the brain too (its 10th and 90th percentiles, "
+    "under the standardised mask), and keep the surest standardised mask only if the confidence gate lets it "
+    "(three times the time)"
 )
 COMMANDS = {
     "segment": cmd_segment,

@@ -226,16 +226,19 @@ def to_ras_order(per_file_axis, affine: np.ndarray) -> np.ndarray:
 
 
 def plan(
-    volume: Volume, scaling: str = LEGACY_SCALING, reference: IntensityReference | None = None
+    volume: Volume,
+    scaling: str = LEGACY_SCALING,
+    reference: IntensityReference | None = None,
+    brain: np.ndarray | None = None,
 ) -> tuple[SliceGeometry, np.ndarray]:
     """Plan the slicing of ``volume``; return the geometry and the RAS volume scaled by ``scaling``.
 
-    With a ``reference`` the scaled volume is also standardised to it (:mod:`napari_convlora.standardize`).
+    With a ``reference`` the scaled volume is also standardised to it (:mod:`napari_convlora.standardize`),
+    its brain's landmarks too if ``brain`` (a mask on ``volume``'s grid) says where the brain is.
     """
     ornt = orientations.io_orientation(volume.affine)
-    ras = orientations.apply_orientation(
-        volume.data, orientations.ornt_transform(ornt, orientations.axcodes2ornt("RAS"))
-    )
+    to_ras = orientations.ornt_transform(ornt, orientations.axcodes2ornt("RAS"))
+    ras = orientations.apply_orientation(volume.data, to_ras)
     ras_spacing = to_ras_order(volume.spacing, volume.affine)
     scaled = scale_intensity(ras, scaling)
     plane_shape = tuple(
@@ -259,7 +262,8 @@ def plan(
         crop=(0, 0, 0, 0),
     )
     if reference is not None:  # after the head is found: standardising changes intensities, never the geometry
-        standardize(scaled, reference)
+        ras_brain = None if brain is None else orientations.apply_orientation(brain, to_ras)
+        standardize(scaled, reference, ras_brain)
     return geometry.restricted(box), scaled
 
 

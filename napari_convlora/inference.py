@@ -237,6 +237,7 @@ def iter_segment(
     tta: int = 1,
     smooth_mm: float = SMOOTH_MM,
     standardize: bool = False,
+    brain: np.ndarray | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[SegmentProgress | Segmentation | None]:
     """Yield :class:`SegmentProgress` per batch, then the :class:`Segmentation` (or None if stopped).
@@ -252,7 +253,9 @@ def iter_segment(
     threshold; 0 thresholds the network's probability as it is. ``standardize``:
     map the scan's intensity landmarks onto the model's training heads'
     (:mod:`napari_convlora.standardize`); an adapter adapted on standardised
-    slices standardises whatever this says.
+    slices standardises whatever this says. ``brain``: a first segmentation's
+    mask on the scan's grid; with standardisation its brain's landmarks are
+    standardised too.
     """
     start = time.perf_counter()
     torch_device = pick_device(device)
@@ -261,8 +264,10 @@ def iter_segment(
     if not (np.isfinite(smooth_mm) and smooth_mm >= 0):
         raise InputError(f"the smoothing must be 0 or more mm, not {smooth_mm!r}")
     reference = input_reference(base, adapter, standardize)  # before any work: the model may have none
+    if brain is not None and (reference is None or brain.shape != volume.data.shape):
+        raise ValueError("a brain mask needs standardisation and the scan's grid")
     unet = fold_batch_norms(apply_adapter(base, adapter))  # a copy: the base model is never touched
-    geometry, scaled = plan(volume, base.intensity_scaling, reference)
+    geometry, scaled = plan(volume, base.intensity_scaling, reference, brain)
     count = _Count(total=geometry.n_slices, start=start)
     known: dict[int, np.ndarray] = {}
     if two_pass:

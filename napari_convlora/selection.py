@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import Adapter
-from .inference import Segmentation, SegmentProgress, iter_segment
+from .inference import Segmentation, SegmentProgress, input_reference, iter_segment
 from .model import BaseModel, UNet2D
 from .nifti import Volume
 
@@ -117,6 +117,12 @@ SURE_SOURCE_CONFIDENCE = 0.72
 SURE_SOURCE_MARGIN = 0.015
 
 
+# --standardize auto keeps the brain-standardised mask unless it is this much less confident than the plain one
+# (fitted on two benchmark files, checked on four others: scripts/probe_standardize_rule.py, BENCHMARKS.md
+# section 2).
+BRAIN_STEP_TOLERANCE = 0.008
+
+
 def confidence_margin(source_confidence: float, margin: float = GATE_MARGINS["confidence"]) -> float:
     """The confidence gate's margin on a scan: ``margin``, raised to ``SURE_SOURCE_MARGIN`` where the source is sure."""
     return max(margin, SURE_SOURCE_MARGIN) if source_confidence >= SURE_SOURCE_CONFIDENCE else margin
@@ -155,12 +161,18 @@ class IntensityChoice(NamedTuple):
 
     kept: Segmentation
     plain: Segmentation
-    standardized: Segmentation
-    note: str  # one line for the user: which was kept, with both confidences
+    standardized: Segmentation  # the head's landmarks standardised
+    note: str  # one line for the user: which was kept, with the confidences
+    brain: Segmentation | None = None  # the brain's landmarks too (None: the model has none)
 
     @property
     def is_standardized(self) -> bool:
-        return self.kept is self.standardized
+        return self.kept is not self.plain
+
+    @property
+    def seconds(self) -> float:
+        """What the user waited for: every run made."""
+        return sum(r.seconds for r in (self.plain, self.standardized, self.brain) if r is not None)
 
 
 def iter_plain_and_standardized(
@@ -172,44 +184,61 @@ def iter_plain_and_standardized(
     plain: Segmentation | None = None,
     **segment_options,
 ) -> Generator[SegmentProgress, None, IntensityChoice | None]:
-    """The scan segmented as it is and standardised (:mod:`napari_convlora.standardize`); keep the surer mask.
+    """The scan segmented as it is and standardised (:mod:`napari_convlora.standardize`); keep one of them.
 
-    The confidence gate of adaptation applied to the input's standardisation: the
-    standardised mask is kept only if its :func:`mask_confidence` beats the other's
-    by the gate's margin (on the simulated scanners of BENCHMARKS.md section 2 this
-    never kept a worse mask by more than 0.01 surface Dice). ``plain``: the scan's
-    segmentation as it is (same model, adapter, device and options), if the caller
-    has it; then only the standardised run is made. None if stopped.
+    Standardised twice if the model has brain landmarks: the head's, then the
+    head's and, under that run's mask, the brain's. The brain-standardised mask
+    is kept if its :func:`mask_confidence` is at most :data:`BRAIN_STEP_TOLERANCE`
+    below the plain mask's: the step moves the scan's brain towards the training
+    brains by construction, so it needs no proof of a gain, only no sign of a
+    loss (on the simulated 3 T scanners it gained up to 0.10 surface Dice with a
+    slightly lower confidence). Else the head-standardised mask is kept if it
+    passes the confidence gate (:func:`accepted_by_confidence`): the gate of
+    adaptation applied to the input. Else the plain one. ``plain``: the scan's
+    segmentation as it is (same model, adapter, device and options), if the
+    caller has it; then it is not made again. None if stopped.
     """
-    runs = [{"adapter": adapter, "standardize": True}]
-    if plain is None:
-        runs.insert(0, {"adapter": adapter, "standardize": False})
+    brain_step = input_reference(base, adapter, True).brain is not None
+    runs: list[_Run] = [{"adapter": adapter, "standardize": False}] if plain is None else []
+    runs.append({"adapter": adapter, "standardize": True})
+    if brain_step:  # the brain is where the head-standardised run found it
+        runs.append(lambda done: {"adapter": adapter, "standardize": True, "brain": done[-1].mask})
     results = yield from _iter_runs(base, volume, runs, device, should_stop, segment_options)
     if results is None:
         return None
     plain = plain if plain is not None else results[0]
-    standardized = results[-1]
-    ours, theirs = (mask_confidence(r.probability, r.mask) for r in (standardized, plain))
-    verdict = f"mask confidence {ours:.4f} standardised against {theirs:.4f} as it is"
-    if accepted_by_confidence(ours, theirs):
-        return IntensityChoice(standardized, plain, standardized, f"intensities standardised ({verdict})")
-    return IntensityChoice(plain, plain, standardized, f"intensities kept as they are ({verdict})")
+    standardized, brain = (results[-2], results[-1]) if brain_step else (results[-1], None)
+    as_it_is = mask_confidence(plain.probability, plain.mask)
+    head = mask_confidence(standardized.probability, standardized.mask)
+    verdict = f"mask confidence {as_it_is:.4f} as it is, {head:.4f} head standardised"
+    if brain is not None:
+        sure = mask_confidence(brain.probability, brain.mask)
+        verdict += f", {sure:.4f} brain standardised"
+        if sure >= as_it_is - BRAIN_STEP_TOLERANCE:
+            return IntensityChoice(brain, plain, standardized, f"intensities standardised, brain ({verdict})", brain)
+    if accepted_by_confidence(head, as_it_is):
+        return IntensityChoice(standardized, plain, standardized, f"intensities standardised, head ({verdict})", brain)
+    return IntensityChoice(plain, plain, standardized, f"intensities kept as they are ({verdict})", brain)
+
+
+# One run of iter_segment: its keyword arguments, or a function of the runs made before it that gives them.
+_Run = dict | Callable[[list[Segmentation]], dict]
 
 
 def _iter_runs(
     base: BaseModel,
     volume: Volume,
-    runs: list[dict],
+    runs: list[_Run],
     device: str,
     should_stop: Callable[[], bool] | None,
     segment_options: dict,
 ) -> Generator[SegmentProgress, None, list[Segmentation] | None]:
-    """Segment ``volume`` once per entry of ``runs`` (keyword arguments of iter_segment); progress counts them all."""
+    """Segment ``volume`` once per entry of ``runs``; progress counts them all."""
     results: list[Segmentation] = []
     done = total = 0
     for runs_left, run in zip(range(len(runs), 0, -1), runs, strict=True):
         result = None
-        options = {**segment_options, **run}
+        options = {**segment_options, **(run(results) if callable(run) else run)}
         for report in iter_segment(base, volume, device=device, should_stop=should_stop, **options):
             if isinstance(report, SegmentProgress):
                 total = report.total

@@ -45,7 +45,7 @@ from .nifti import load_mask, load_volume
 from .shape_prior import METADATA_KEY as PRIOR_KEY
 from .shape_prior import learn_shape_prior
 from .standardize import METADATA_KEY as LANDMARKS_KEY
-from .standardize import head_landmarks, learn_reference
+from .standardize import brain_landmarks, head_landmarks, learn_reference
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,7 @@ class Head:
     masks: np.ndarray
     intensity_scaling: str
     landmarks: np.ndarray | None = None  # standardize.head_landmarks of the scaled volume (None: no head found)
+    brain_landmarks: np.ndarray | None = None  # standardize.brain_landmarks under the label (None: too little brain)
 
 
 def load_heads(pairs: Sequence[tuple[Path, Path]], intensity_scaling: str = "tissue") -> list[Head]:
@@ -98,8 +99,10 @@ def load_heads(pairs: Sequence[tuple[Path, Path]], intensity_scaling: str = "tis
             raise InputError(f"{mask_path}: not on the voxel grid of {t1_path}")
         geometry, scaled = plan(volume, intensity_scaling)
         images = geometry.to_model(scaled)
-        masks = geometry.to_model(geometry.to_ras(mask.data).astype(np.float32)) > 0.5
-        heads.append(Head(images, masks.astype(np.float32), intensity_scaling, head_landmarks(scaled)))
+        ras_mask = geometry.to_ras(mask.data)
+        masks = geometry.to_model(ras_mask.astype(np.float32)) > 0.5
+        landmarks = head_landmarks(scaled), brain_landmarks(scaled, ras_mask)
+        heads.append(Head(images, masks.astype(np.float32), intensity_scaling, *landmarks))
     return heads
 
 
@@ -402,5 +405,7 @@ def train_source(
         moments = {}
     model.eval()
     model.metadata[PRIOR_KEY] = learn_shape_prior([h.masks for h in heads]).as_metadata()
-    model.metadata[LANDMARKS_KEY] = learn_reference([h.landmarks for h in heads]).as_metadata()
+    model.metadata[LANDMARKS_KEY] = learn_reference(
+        [h.landmarks for h in heads], [h.brain_landmarks for h in heads]
+    ).as_metadata()
     yield TrainDone(model.copy().eval(), time.perf_counter() - start)

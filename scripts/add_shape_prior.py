@@ -7,8 +7,8 @@ model was trained on, the intensity landmarks (napari_convlora.standardize) from
 the same heads' T1 volumes: the heads its
 metadata lists (``training.data``), found by name under ``--heads`` (the folder
 ``scripts/prepare_heads.py`` writes), each checked against the SHA-256 the
-metadata recorded (the mask file's bytes; the T1's decompressed bytes, as the
-training read it) before it is used. The weights are written unchanged, so the
+metadata recorded (the file's bytes, or its decompressed bytes where the
+training read a decompressed copy) before it is used. The weights are written unchanged, so the
 model id stays the same (checked). Prints the model id, the prior and the landmarks.
 """
 
@@ -47,10 +47,10 @@ def training_pairs(metadata: dict, heads: Path) -> list[tuple[Path, Path]]:
     for entry in data:
         name = Path(entry["t1"]).parent.name
         t1, mask = heads / name / "t1.nii.gz", heads / name / "mask_consensus.nii.gz"
-        for path, recorded, decompress in ((t1, entry["t1_sha256"], True), (mask, entry["mask_sha256"], False)):
+        for path, recorded in ((t1, entry["t1_sha256"]), (mask, entry["mask_sha256"])):
             if not path.exists():
                 raise InputError(f"{path}: no such file (the model was trained on head {name!r})")
-            if sha256(path, decompress) != recorded:
+            if recorded not in (sha256(path), sha256(path, decompress=True)):
                 raise InputError(f"{path}: not the file the model was trained on (SHA-256 differs)")
         pairs.append((t1, mask))
     return pairs
@@ -70,7 +70,9 @@ def main() -> int:
         heads = load_heads(pairs, model.intensity_scaling)
         prior = learn_shape_prior([head.masks for head in heads])
         model.metadata[METADATA_KEY] = prior.as_metadata()
-        model.metadata[LANDMARKS_KEY] = learn_reference([head.landmarks for head in heads]).as_metadata()
+        model.metadata[LANDMARKS_KEY] = learn_reference(
+            [head.landmarks for head in heads], [head.brain_landmarks for head in heads]
+        ).as_metadata()
         after = save_model(model, args.output, overwrite=args.overwrite)
     except (InputError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)

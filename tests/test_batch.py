@@ -246,19 +246,35 @@ def test_one_scan_with_each_adapter_choice(tmp_path, small_path, model_file, mon
 
 @pytest.mark.parametrize("standardize", ["off", "on", "auto"])
 def test_one_scan_standardised(tmp_path, small_path, model_file, monkeypatch, standardize):
-    """--standardize: the scan is read standardised as asked (auto: both ways), and the row says which mask is kept."""
+    """--standardize: the scan is read standardised as asked (auto: as it is, the head step, the brain step too),
+    and the row says whether the mask kept is a standardised one."""
     from napari_convlora import inference
     from napari_convlora.batch import Scan, process_scan
+    from napari_convlora.inference import run_to_end
+    from napari_convlora.selection import iter_plain_and_standardized
 
     seen, plan = [], inference.plan
-    monkeypatch.setattr(inference, "plan", lambda v, s, reference=None: seen.append(reference) or plan(v, s, reference))
+
+    def spy(volume, scaling, reference=None, brain=None):
+        seen.append((reference is not None, brain is not None))
+        return plan(volume, scaling, reference, brain)
+
+    monkeypatch.setattr(inference, "plan", spy)
     scan = Scan("head4mm", str(small_path), str(tmp_path / "m.nii.gz"), None, "none")
     row = process_scan(scan, str(model_file), "cpu", 1, str(tmp_path / "adapters"), 1, standardize)
     assert row["status"] == "ok", row["error"]
-    assert [r is not None for r in seen] == {"off": [False], "on": [True], "auto": [False, True]}[standardize]
-    assert row["standardized"] is (standardize == "on") or standardize == "auto"
+    runs = {"off": [(False, False)], "on": [(True, False)], "auto": [(False, False), (True, False), (True, True)]}
+    assert seen == runs[standardize]
     base, volume = load_model(model_file), load_volume(small_path)
-    kept = segment(base, volume, device="cpu", standardize=row["standardized"]).mask
+    if standardize == "auto":
+        choice = run_to_end(iter_plain_and_standardized(base, volume, device="cpu"))
+        kept, standardized = choice.kept.mask, choice.is_standardized
+    else:
+        kept, standardized = (
+            segment(base, volume, device="cpu", standardize=standardize == "on").mask,
+            standardize == "on",
+        )
+    assert row["standardized"] is standardized
     assert np.array_equal(load_mask(tmp_path / "m.nii.gz").data, kept)
 
 
@@ -306,7 +322,7 @@ def test_adapting_on_standardised_slices(tmp_path, small_path, model_file, monke
 
     seen, plan = [], geometry.plan
     for module in (inference, adapt):
-        monkeypatch.setattr(module, "plan", lambda v, s, ref=None: seen.append(ref) or plan(v, s, ref))
+        monkeypatch.setattr(module, "plan", lambda v, s, ref=None, *brain: seen.append(ref) or plan(v, s, ref, *brain))
     scan = Scan("head4mm", str(small_path), str(tmp_path / "m.nii.gz"), None, "adapt")
     row = process_scan(scan, str(model_file), "cpu", 1, str(tmp_path / "adapters"), 1, "on")
     assert row["status"] == "ok", row["error"]

@@ -15,9 +15,11 @@ from napari_convlora.library import default_model_path
 from napari_convlora.model import load_model, save_model
 from napari_convlora.nifti import load_volume
 from napari_convlora.standardize import (
+    BRAIN_PERCENTILES,
     METADATA_KEY,
     PERCENTILES,
     IntensityReference,
+    brain_landmarks,
     head_landmarks,
     learn_reference,
     standardize,
@@ -69,6 +71,48 @@ def test_standardising_moves_a_changed_contrast_back_inside_the_brain(small_volu
     assert after < before
 
 
+@pytest.fixture(scope="module")
+def ras_brain(small_volume, small_mask_path) -> np.ndarray:
+    geometry, _ = plan(small_volume, "tissue")
+    return geometry.to_ras(load_volume(small_mask_path).data > 0)
+
+
+def test_the_brain_step_puts_the_brains_landmarks_on_the_reference(scaled, ras_brain):
+    head = head_landmarks(scaled)
+    reference = IntensityReference(tuple(head), 1, (0.3, 0.7))
+    head_only = standardize(scaled.copy(), reference)
+    out = standardize(scaled.copy(), reference, ras_brain)
+    assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
+    assert brain_landmarks(out, ras_brain) == pytest.approx((0.3, 0.7), abs=0.005)
+    assert brain_landmarks(head_only, ras_brain) != pytest.approx((0.3, 0.7), abs=0.05)  # the step did it
+    flat, order = out.ravel(), np.argsort(scaled.ravel(), kind="stable")
+    assert np.all(np.diff(flat[order]) >= 0)  # still one increasing map of intensity
+
+
+def test_the_brain_step_undoes_a_3t_contrast_better_than_the_head_alone(small_volume, ras_brain):
+    """simulate.py's Siemens 3 T contrast (crisp grey/white, fat darker than white matter at the top): the head's
+    landmarks are moved by the fat, the brain's are not (the reason for the step)."""
+    _, scaled = plan(small_volume, "tissue")
+    reference = IntensityReference(tuple(head_landmarks(scaled)), 1, tuple(brain_landmarks(scaled, ras_brain)))
+    changed = np.interp(scaled, *_CONTRASTS[1]).astype(np.float32)
+    head_only = np.abs(standardize(changed.copy(), reference) - scaled)[ras_brain].mean()
+    with_brain = np.abs(standardize(changed.copy(), reference, ras_brain) - scaled)[ras_brain].mean()
+    assert with_brain < head_only
+
+
+def test_too_little_brain_leaves_the_head_step_alone(scaled):
+    reference = IntensityReference(tuple(head_landmarks(scaled)), 1, (0.3, 0.7))
+    speck = np.zeros(scaled.shape, bool)
+    speck[20:23, 20:23, 20:23] = True  # 27 voxels, 1 after the erosion
+    assert brain_landmarks(scaled, speck) is None
+    assert np.array_equal(standardize(scaled.copy(), reference, speck), standardize(scaled.copy(), reference))
+
+
+def test_a_brain_step_needs_brain_landmarks(scaled, ras_brain):
+    with pytest.raises(InputError, match="no brain intensity landmarks"):
+        standardize(scaled.copy(), IntensityReference(tuple(head_landmarks(scaled)), 1), ras_brain)
+
+
 def test_the_map_keeps_the_order_of_intensities(scaled):
     reference = IntensityReference(tuple(np.linspace(0.1, 0.6, len(PERCENTILES))), 1)
     flat = scaled.ravel()
@@ -86,6 +130,9 @@ def test_a_volume_without_a_head_is_left_as_it_is():
         learn_reference([None])
 
 
+_GOOD = {"values": list(np.linspace(0.1, 0.9, 9)), "percentiles": list(PERCENTILES), "heads": 1}
+
+
 @pytest.mark.parametrize(
     "metadata",
     [
@@ -93,6 +140,9 @@ def test_a_volume_without_a_head_is_left_as_it_is():
         {METADATA_KEY: {"values": [0.1, 0.2], "percentiles": [1, 99], "heads": 1}},
         {METADATA_KEY: {"values": list(np.linspace(0.9, 0.1, 9)), "percentiles": list(PERCENTILES), "heads": 1}},
         {METADATA_KEY: {"values": "x", "percentiles": list(PERCENTILES), "heads": 1}},
+        {METADATA_KEY: {**_GOOD, "brain_values": [0.7, 0.3], "brain_percentiles": list(BRAIN_PERCENTILES)}},
+        {METADATA_KEY: {**_GOOD, "brain_values": [0.3, 0.7], "brain_percentiles": [5, 95]}},
+        {METADATA_KEY: {**_GOOD, "brain_values": [0.3, 0.7]}},
     ],
 )
 def test_a_model_without_usable_landmarks_is_refused_by_name(metadata):
@@ -100,19 +150,24 @@ def test_a_model_without_usable_landmarks_is_refused_by_name(metadata):
         IntensityReference.from_metadata(metadata, "model.safetensors")
 
 
-def test_landmarks_survive_save_and_load_and_leave_the_model_id(tmp_path, model, scaled):
+def test_landmarks_survive_save_and_load_and_leave_the_model_id(tmp_path, model, scaled, ras_brain):
     with_landmarks = model.copy()
-    with_landmarks.metadata[METADATA_KEY] = learn_reference([head_landmarks(scaled)]).as_metadata()
+    reference = learn_reference([head_landmarks(scaled)], [brain_landmarks(scaled, ras_brain), None])
+    with_landmarks.metadata[METADATA_KEY] = reference.as_metadata()
     model_id = save_model(with_landmarks, tmp_path / "m.safetensors")
     loaded = load_model(tmp_path / "m.safetensors")
     assert model_id == model.model_id == loaded.model_id
     assert IntensityReference.of_model(loaded).values == pytest.approx(head_landmarks(scaled), abs=1e-5)
+    assert IntensityReference.of_model(loaded).brain == pytest.approx(brain_landmarks(scaled, ras_brain), abs=1e-5)
+    older = {METADATA_KEY: {k: v for k, v in reference.as_metadata().items() if not k.startswith("brain")}}
+    assert IntensityReference.from_metadata(older, "m").brain is None  # a model of before: the head step only
 
 
 def test_the_shipped_model_carries_landmarks_from_its_eight_heads():
     reference = IntensityReference.of_model(load_model(default_model_path()))
     assert reference.heads == 8
     assert 0.2 < reference.values[0] < reference.values[4] < reference.values[-1] < 1
+    assert reference.brain is not None and reference.values[0] < reference.brain[0] < reference.brain[1] < 1
 
 
 def test_segment_standardises_when_asked(model_file, small_volume):
@@ -166,26 +221,68 @@ def test_cli_adapt_standardize_on_a_model_without_landmarks_fails_cleanly(
     assert not out.exists()
 
 
-def test_auto_keeps_the_standardised_mask_only_if_it_is_surer(model_file, small_volume):
-    from napari_convlora.selection import iter_plain_and_standardized, mask_confidence
+def test_auto_keeps_the_brain_step_unless_it_is_less_sure_then_the_head_step_if_the_gate_lets_it(
+    model_file, small_volume
+):
+    from napari_convlora.selection import (
+        BRAIN_STEP_TOLERANCE,
+        accepted_by_confidence,
+        iter_plain_and_standardized,
+        mask_confidence,
+    )
 
     base = load_model(model_file)
+    assert IntensityReference.of_model(base).brain is not None  # the shipped model's landmarks: both steps
     reports, choice = drive(iter_plain_and_standardized(base, small_volume, device="cpu"))
-    assert reports[-1].done == reports[-1].total  # progress counts both runs
+    assert reports[-1].done == reports[-1].total  # progress counts the three runs
     plain = segment(base, small_volume, device="cpu")
-    standardized = segment(base, small_volume, device="cpu", standardize=True)
-    surer = mask_confidence(standardized.probability, standardized.mask) > mask_confidence(
-        plain.probability, plain.mask
-    )
-    assert np.array_equal(choice.plain.mask, plain.mask)
-    assert np.array_equal(choice.standardized.mask, standardized.mask)
-    assert choice.is_standardized == surer and choice.kept is (choice.standardized if surer else choice.plain)
-    assert choice.note.startswith("intensities standardised" if surer else "intensities kept as they are")
-    # the plain segmentation given: only the standardised run is made, and the verdict is the same
-    both = reports[-1].total
+    head = segment(base, small_volume, device="cpu", standardize=True)
+    brain = segment(base, small_volume, device="cpu", standardize=True, brain=head.mask)
+    for made, expected in ((choice.plain, plain), (choice.standardized, head), (choice.brain, brain)):
+        assert np.array_equal(made.mask, expected.mask)
+    plain_, head_, brain_ = (mask_confidence(r.probability, r.mask) for r in (plain, head, brain))
+    if brain_ >= plain_ - BRAIN_STEP_TOLERANCE:
+        kept = choice.brain
+    else:
+        kept = choice.standardized if accepted_by_confidence(head_, plain_) else choice.plain
+    assert choice.kept is kept and choice.is_standardized == (kept is not choice.plain)
+    assert choice.note.startswith("intensities standardised" if choice.is_standardized else "intensities kept")
+    assert choice.seconds == pytest.approx(sum(r.seconds for r in (choice.plain, choice.standardized, choice.brain)))
+    # the plain segmentation given: only the standardised runs are made, and the verdict is the same
+    three = reports[-1].total
     reports, again = drive(iter_plain_and_standardized(base, small_volume, device="cpu", plain=plain))
-    assert again.plain is plain and again.is_standardized == surer and again.note == choice.note
-    assert reports[-1].total == reports[-1].done < both
+    assert again.plain is plain and again.note == choice.note
+    assert reports[-1].total == reports[-1].done < three
+
+
+@pytest.mark.parametrize(
+    ("sure", "kept"),
+    [
+        ((0.74, 0.70, 0.735), "brain"),  # less sure than as it is, within the tolerance
+        ((0.74, 0.76, 0.73), "head"),  # the brain step too unsure; the head step passes the sure-source margin
+        ((0.74, 0.75, 0.73), "plain"),  # neither: the head step's gain is under the margin
+        ((0.60, 0.61, 0.50), "head"),  # an unsure source model: any gain passes
+    ],
+)
+def test_which_mask_auto_keeps_for_given_confidences(monkeypatch, model_file, small_volume, sure, kept):
+    from napari_convlora import selection
+
+    values = iter(sure)  # the order the rule reads them: as it is, head step, brain step
+    monkeypatch.setattr(selection, "mask_confidence", lambda probability, mask: next(values))
+    _, choice = drive(selection.iter_plain_and_standardized(load_model(model_file), small_volume, device="cpu"))
+    assert choice.kept is {"plain": choice.plain, "head": choice.standardized, "brain": choice.brain}[kept]
+    assert choice.note.startswith("intensities kept" if kept == "plain" else f"intensities standardised, {kept}")
+
+
+def test_auto_with_a_model_of_before_tries_the_head_step_only(tmp_path, model_file, small_volume):
+    from napari_convlora.selection import iter_plain_and_standardized
+
+    older = load_model(model_file)
+    entry = older.metadata[METADATA_KEY]
+    older.metadata[METADATA_KEY] = {k: v for k, v in entry.items() if not k.startswith("brain")}
+    save_model(older, tmp_path / "older.safetensors")
+    reports, choice = drive(iter_plain_and_standardized(load_model(tmp_path / "older.safetensors"), small_volume))
+    assert choice.brain is None and "brain" not in choice.note and reports[-1].done == reports[-1].total
 
 
 def test_cli_segment_standardize_auto(capsys, tmp_path, small_path, model_file):
