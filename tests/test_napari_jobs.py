@@ -89,6 +89,10 @@ def test_standardising_on_leaves_the_remembered_source_and_auto_reuses_it(
     """ "on" neither uses nor replaces the plain source mask Adapt reuses; "auto" takes it as its plain run."""
     import numpy as np
 
+    from napari_convlora import selection
+    from napari_convlora.inference import segment
+    from napari_convlora.model import load_model
+
     monkeypatch.setenv("CONVLORA_HOME", str(tmp_path))
     jobs._SOURCE.clear()
     _, plain = drive(jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event()))
@@ -99,13 +103,19 @@ def test_standardising_on_leaves_the_remembered_source_and_auto_reuses_it(
     assert reports and standardized.note.endswith("intensities standardised")
     assert not np.allclose(standardized.segmentation.probability, plain.segmentation.probability)
     assert jobs.known_source(model_file, small_volume, "cpu") is remembered
+    runs, iter_segment = [], selection.iter_segment
+    monkeypatch.setattr(
+        selection, "iter_segment", lambda *a, **k: runs.append(k.get("standardize")) or iter_segment(*a, **k)
+    )
     auto_reports, auto = drive(
         jobs.segment_job(model_file, small_volume, jobs.SOURCE_LABEL, "cpu", threading.Event(), standardize="auto")
     )
     assert "intensities" in auto.note and "mask confidence" in auto.note
-    assert auto_reports[-1].total == auto_reports[-1].done == reports[-1].total  # one run, "on"'s: plain reused
-    kept = standardized if "intensities standardised" in auto.note else plain
-    np.testing.assert_array_equal(auto.segmentation.mask, kept.segmentation.mask)
+    assert runs == [True, True] and auto_reports[-1].total == auto_reports[-1].done  # head and brain: plain reused
+    base = load_model(model_file)
+    brain = segment(base, small_volume, device="cpu", standardize=True, brain=standardized.segmentation.mask)
+    kept = {"kept": plain.segmentation, "standardised, head": standardized.segmentation, "standardised, brain": brain}
+    np.testing.assert_array_equal(auto.segmentation.mask, next(v for k, v in kept.items() if k in auto.note).mask)
     assert jobs.known_source(model_file, small_volume, "cpu") is remembered
     before = remembered.mask.copy()
     auto.segmentation.mask[:] = 1 - auto.segmentation.mask  # the user paints on the layer: what is kept stays
