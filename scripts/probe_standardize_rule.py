@@ -14,7 +14,10 @@ Offline, from benchmark files that ran ``source standardize standardize-brain``
 - ``brain within T``: the brain-standardised mask if its confidence is at most
   ``T`` below the source model's (the step moves the scan towards the training
   heads by construction: it needs no proof of gain, only no sign of loss), else
-  the head step if the gate lets it, else the scan as it is.
+  the head step if the gate lets it, else the scan as it is;
+- ``brain within T, head by D``: the same, but the head step (if the gate lets
+  it) wins over the brain step where it is surer than the brain step by ``D`` or more
+  (``D`` = 0: the surer of the two kept; the rule of ``--standardize auto``).
 
 Prints, per rule, the recovered share of the gap (profiles with a gap >= 0.10,
 as the benchmark counts it) and the worst cell against the source model, on
@@ -35,7 +38,8 @@ from probe_pick_objective import recovered_share  # scripts/ is on the path when
 from napari_convlora.benchmark import PROFILES
 from napari_convlora.selection import accepted_by_confidence
 
-TOLERANCES = (0.0, 0.002, 0.004, 0.006, 0.008, 0.010, 0.012, 0.015)
+TOLERANCES = (0.0, 0.004, 0.005, 0.006, 0.008, 0.010, 0.012)
+HEAD_LEADS = (0.0, 0.002, 0.004, 0.005, 0.006, 0.008)
 Rule = Callable[[dict, dict, dict], dict]  # (source, head, brain cells) -> the cell kept
 
 
@@ -43,11 +47,12 @@ def gated(cell: dict, source: dict) -> bool:
     return accepted_by_confidence(cell["confidence"], source["confidence"])
 
 
-def within(tolerance: float) -> Rule:
+def within(tolerance: float, head_lead: float = float("inf")) -> Rule:
     def rule(source: dict, head: dict, brain: dict) -> dict:
-        if brain["confidence"] >= source["confidence"] - tolerance:
-            return brain
-        return head if gated(head, source) else source
+        brain_ok = brain["confidence"] >= source["confidence"] - tolerance
+        if gated(head, source) and (not brain_ok or head["confidence"] >= brain["confidence"] + head_lead):
+            return head
+        return brain if brain_ok else source
 
     return rule
 
@@ -63,6 +68,7 @@ RULES: dict[str, Rule] = {
     "head, always": lambda s, h, b: h,
     "brain, always": lambda s, h, b: b,
     **{f"brain within {t:.3f}": within(t) for t in TOLERANCES},
+    **{f"brain within {t:.3f}, head by {d:.3f}": within(t, d) for t in TOLERANCES for d in HEAD_LEADS},
 }
 
 
