@@ -13,7 +13,9 @@ does), ``single-pass`` (one pass over the whole head), ``no-cleanup`` (no 3D
 clean-up), ``no-smoothing`` (the network's probability thresholded as it is),
 ``bare`` (one pass, no smoothing, no clean-up), ``standardize`` (``full`` with the
 scan's intensities standardised first: ``convlora segment --standardize``),
-``standardize-auto`` (every way, the surest mask the gate lets kept: ``--standardize auto``).
+``standardize-brain`` (then the brain's landmarks too, under that mask: the brain step of
+``--standardize auto``, always), ``standardize-auto`` (every way, the mask the rule of
+``--standardize auto`` keeps; which one is printed).
 Each variant runs in every one of ``--precisions`` (what the network computes
 in; ``auto`` as ``convlora segment`` picks it); a row after the first precision
 also counts the voxels where its mask differs from the first one's. ``--tta``:
@@ -44,15 +46,21 @@ VARIANTS = {
     "no-smoothing": {"two_pass": True, "cleanup": True, "smooth_mm": 0.0},
     "bare": {"two_pass": False, "cleanup": False, "smooth_mm": 0.0},
     "standardize": {"two_pass": True, "cleanup": True, "standardize": True},
-    "standardize-auto": {"two_pass": True, "cleanup": True},  # every way, the surest the gate lets: see run()
+    "standardize-brain": {"two_pass": True, "cleanup": True, "standardize": True},  # two runs: see run()
+    "standardize-auto": {"two_pass": True, "cleanup": True},  # every way, the rule's choice: see run()
 }
 
 
 def run(model, volume, variant: str, **options):
     """``segment`` as the variant says; ``standardize-auto`` as ``convlora segment --standardize auto``."""
+    if variant == "standardize-brain":
+        first = segment(model, volume, **options, **VARIANTS[variant])
+        second = segment(model, volume, **options, **VARIANTS[variant], brain=first.mask)
+        return replace(second, seconds=first.seconds + second.seconds)
     if variant != "standardize-auto":
         return segment(model, volume, **options, **VARIANTS[variant])
     choice = run_to_end(iter_plain_and_standardized(model, volume, **options, **VARIANTS[variant]))
+    print(f"  standardize-auto: {choice.note}", flush=True)
     return replace(choice.kept, seconds=choice.seconds)  # what the user waits for
 
 

@@ -76,6 +76,20 @@ def test_bad_arguments_exit_2(tmp_path, extra, message, capsys):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_the_brain_step_needs_a_model_with_brain_landmarks(tmp_path, small_path, small_mask_path, model_file, capsys):
+    from napari_convlora.model import load_model, save_model
+    from napari_convlora.standardize import METADATA_KEY
+
+    older = load_model(model_file)
+    older.metadata[METADATA_KEY] = {k: v for k, v in older.metadata[METADATA_KEY].items() if not k.startswith("brain")}
+    save_model(older, tmp_path / "older.safetensors")
+    args = ["benchmark", "--quick", "--t1", str(small_path), "--mask", str(small_mask_path), "--methods"]
+    args += ["standardize-brain", "--model", str(tmp_path / "older.safetensors"), "-o", str(tmp_path / "r.json")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no brain intensity landmarks" in err and "older.safetensors" in err and not (tmp_path / "r.json").exists()
+
+
 def test_central_slab_keeps_world_coordinates(small_path, small_mask_path):
     volume, mask = load_volume(small_path), load_mask(small_mask_path)
     slab, slab_mask = bench.central_slab(volume, mask, 24.0)
