@@ -15,13 +15,14 @@ training heads, as Nyúl and Udupa's histogram standardisation does for MRI
 The head's histogram mixes brain with scalp, fat, marrow and neck, whose
 contrast varies most between scanners (fat bright at 3 T, dark when
 fat-suppressed), so matching it can leave the brain itself off: on the
-simulated 3 T profiles the brain stays too contrasted after it. The second,
+simulated 3 T profiles it recovered little of the lost accuracy. The second,
 optional step (``brain``: a first segmentation's mask) then maps the 10th and
 90th percentiles of the brain's voxels onto the training brains' (measured
 under their labels): two points, so the map stays gentle where a thick slice
-has blurred the brain's histogram (seven points there made masks collapse).
-``convlora segment --standardize auto`` tries both steps and keeps the surer
-mask (:func:`napari_convlora.selection.iter_plain_and_standardized`).
+has blurred the brain's histogram (seven points, in a probe, took one such
+mask down to 0.39 surface Dice). ``convlora segment --standardize auto`` tries
+both steps and keeps one mask by a rule
+(:func:`napari_convlora.selection.iter_plain_and_standardized`).
 
 The reference travels in the model file's metadata (``intensity_landmarks``):
 ``convlora train-source`` writes it; ``scripts/add_shape_prior.py`` adds it (and
