@@ -22,7 +22,9 @@ Offline, from benchmark files that ran ``source standardize standardize-brain``
 Prints, per rule, the recovered share of the gap (profiles with a gap >= 0.10,
 as the benchmark counts it) and the worst cell against the source model, on
 the ``--fit`` files and the ``--check`` files separately: choose T on the
-first, read it on the second.
+first, read it on the second. Then, for the rule ``--standardize auto``
+ships (T = ``BRAIN_STEP_TOLERANCE``, D = 0), every file's mean surface Dice
+per profile and how often each mask was kept.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import numpy as np
 from probe_pick_objective import recovered_share  # scripts/ is on the path when this runs as a script
 
 from napari_convlora.benchmark import PROFILES
-from napari_convlora.selection import accepted_by_confidence
+from napari_convlora.selection import BRAIN_STEP_TOLERANCE, accepted_by_confidence
 
 TOLERANCES = (0.0, 0.004, 0.005, 0.006, 0.008, 0.010, 0.012)
 HEAD_LEADS = (0.0, 0.002, 0.004, 0.005, 0.006, 0.008)
@@ -88,6 +90,27 @@ def score(cells: dict, rule: Rule) -> tuple[float, float]:
     return recovered_share(cells, change), min(d for deltas in change.values() for d in deltas)
 
 
+def shipped_rule_table(names: list[str], files: list[dict]) -> None:
+    rule = within(BRAIN_STEP_TOLERANCE, 0.0)
+    print(f"\nthe shipped rule (T = {BRAIN_STEP_TOLERANCE}, D = 0): mean surface Dice per profile, masks kept")
+    print("| file | " + " | ".join(PROFILES_SHOWN) + " | kept: plain / head / brain |")
+    print("|---" * (len(PROFILES_SHOWN) + 2) + "|")
+    for name, cells in zip(names, files, strict=True):
+        means, kept = [], {"source": 0, "standardize": 0, "standardize-brain": 0}
+        for profile in PROFILES_SHOWN:
+            values = []
+            for p, seed, method in sorted(cells):
+                if p == profile and method == "source":
+                    choice = rule(*(cells[p, seed, m] for m in kept))
+                    kept[choice["method"]] += 1
+                    values.append(choice["surface_dice"])
+            means.append(f"{np.mean(values):.3f}")
+        print(f"| {name} | " + " | ".join(means) + " | " + " / ".join(str(n) for n in kept.values()) + " |")
+
+
+PROFILES_SHOWN = ("ge-3t", "ge-1.5t", "philips-1.5t", "philips-3t", "siemens-1.5t", "siemens-3t")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fit", nargs="+", type=Path, required=True)
@@ -106,6 +129,7 @@ def main() -> int:
             shares = " | ".join(f"{100 * r:.0f}% / {w:+.3f}" for r, w in results)
             mean = 100 * np.mean([r for r, _ in results])
             print(f"| {name} | {shares} | {mean:.0f}% | {min(w for _, w in results):+.3f} |")
+    shipped_rule_table(names["fit"] + names["check"], sets["fit"] + sets["check"])
     return 0
 
 
