@@ -44,7 +44,7 @@ from skimage.filters import threshold_otsu
 from .errors import InputError
 
 METADATA_KEY = "intensity_landmarks"
-MODES = ("off", "on", "auto")  # --standardize: never, always, or every way keeping the surest mask the gate lets
+MODES = ("off", "on", "auto")  # --standardize: never, always, or every way, one mask kept by auto's rule
 PERCENTILES = (1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0)
 BRAIN_PERCENTILES = (10.0, 90.0)
 _MIN_VOXELS = 1000  # fewer head voxels than this: no histogram to speak of, the scan is left as it is

@@ -137,7 +137,7 @@ def segment_job(
     "auto" picks without labels, then keeps the pick only if the do-no-harm check passes it
     (:func:`napari_convlora.choose.iter_segment_checked`). ``tta``: mirror views per
     slice (``convlora segment --tta``); ``standardize``: "on" standardises the scan's
-    intensities first, "auto" segments every way and keeps the surest mask the gate lets
+    intensities first, "auto" segments every way and keeps one mask by its rule
     (``convlora segment --standardize on|auto``). The remembered source segmentation
     that Adapt reuses is the plain one: "on" neither uses nor replaces it; "auto"
     with the source model uses it as its plain run, or remembers the plain run it made.
