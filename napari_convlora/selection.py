@@ -117,10 +117,10 @@ SURE_SOURCE_CONFIDENCE = 0.72
 SURE_SOURCE_MARGIN = 0.015
 
 
-# --standardize auto may keep the brain-standardised mask unless it is this much less confident than the plain one
-# (fitted on two benchmark files, checked on four others: scripts/probe_standardize_rule.py, BENCHMARKS.md
-# section 2).
-BRAIN_STEP_TOLERANCE = 0.005
+# --standardize auto keeps the brain-standardised mask unless it is this much less confident than the surer of the
+# plain and head-standardised masks (chosen on six benchmark files: scripts/probe_standardize_rule.py, BENCHMARKS.md
+# section 2, where a first rule, fitted on two, failed one of the four it was checked on).
+BRAIN_STEP_TOLERANCE = 0.002
 
 
 def confidence_margin(source_confidence: float, margin: float = GATE_MARGINS["confidence"]) -> float:
@@ -187,17 +187,17 @@ def iter_plain_and_standardized(
     """The scan segmented as it is and standardised (:mod:`napari_convlora.standardize`); keep one of them.
 
     Standardised twice if the model has brain landmarks: the head's, then the
-    head's and, under that run's mask, the brain's. The head-standardised mask
-    may be kept if it passes the confidence gate (:func:`accepted_by_confidence`,
-    the gate of adaptation applied to the input); the brain-standardised one if
-    its :func:`mask_confidence` is at most :data:`BRAIN_STEP_TOLERANCE` below the
-    plain mask's: the step moves the scan's brain towards the training brains by
-    construction, so it needs no proof of a gain, only no sign of a loss (on the
-    simulated 3 T scanners it gained up to 0.17 surface Dice with a confidence
-    within 0.012 of the plain mask's, which the gate refused). Of those that may
-    be kept, the surer is kept; if neither, the plain mask. ``plain``: the
-    scan's segmentation as it is (same model, adapter, device and options), if
-    the caller has it; then it is not made again. None if stopped.
+    head's and, under that run's mask, the brain's. The brain-standardised mask
+    is kept if its :func:`mask_confidence` is at most :data:`BRAIN_STEP_TOLERANCE`
+    below the surer of the other two: the step moves the scan's brain towards the
+    training brains by construction, so it needs no proof of a gain, only no sign
+    of a loss (on the simulated 3 T scanners it gained up to 0.17 surface Dice
+    with about the plain mask's confidence, which the gate refused). Else the
+    head-standardised mask if it passes the confidence gate
+    (:func:`accepted_by_confidence`, the gate of adaptation applied to the
+    input); else the plain one. ``plain``: the scan's segmentation as it is (same
+    model, adapter, device and options), if the caller has it; then it is not
+    made again. None if stopped.
     """
     brain_step = input_reference(base, adapter, True).brain is not None
     runs: list[_Run] = [{"adapter": adapter, "standardize": False}] if plain is None else []
@@ -212,16 +212,14 @@ def iter_plain_and_standardized(
     as_it_is = mask_confidence(plain.probability, plain.mask)
     head = mask_confidence(standardized.probability, standardized.mask)
     verdict = f"mask confidence {as_it_is:.4f} as it is, {head:.4f} head standardised"
-    may_keep = [(head, "head", standardized)] if accepted_by_confidence(head, as_it_is) else []
     if brain is not None:
         sure = mask_confidence(brain.probability, brain.mask)
         verdict += f", {sure:.4f} brain standardised"
-        if sure >= as_it_is - BRAIN_STEP_TOLERANCE:
-            may_keep.append((sure, "brain", brain))
-    if not may_keep:
-        return IntensityChoice(plain, plain, standardized, f"intensities kept as they are ({verdict})", brain)
-    _, which, kept = max(may_keep, key=lambda option: option[0])  # the surer; a tie keeps the head step
-    return IntensityChoice(kept, plain, standardized, f"intensities standardised, {which} ({verdict})", brain)
+        if sure >= max(as_it_is, head) - BRAIN_STEP_TOLERANCE:
+            return IntensityChoice(brain, plain, standardized, f"intensities standardised, brain ({verdict})", brain)
+    if accepted_by_confidence(head, as_it_is):
+        return IntensityChoice(standardized, plain, standardized, f"intensities standardised, head ({verdict})", brain)
+    return IntensityChoice(plain, plain, standardized, f"intensities kept as they are ({verdict})", brain)
 
 
 # One run of iter_segment: its keyword arguments, or a function of the runs made before it that gives them.

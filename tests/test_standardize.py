@@ -221,7 +221,7 @@ def test_cli_adapt_standardize_on_a_model_without_landmarks_fails_cleanly(
     assert not out.exists()
 
 
-def test_auto_keeps_the_surer_of_the_steps_it_may_keep(model_file, small_volume):
+def test_auto_keeps_the_brain_step_unless_less_sure_than_the_others_then_the_gated_head_step(model_file, small_volume):
     from napari_convlora.selection import (
         BRAIN_STEP_TOLERANCE,
         accepted_by_confidence,
@@ -239,9 +239,10 @@ def test_auto_keeps_the_surer_of_the_steps_it_may_keep(model_file, small_volume)
     for made, expected in ((choice.plain, plain), (choice.standardized, head), (choice.brain, brain)):
         assert np.array_equal(made.mask, expected.mask)
     plain_, head_, brain_ = (mask_confidence(r.probability, r.mask) for r in (plain, head, brain))
-    may = [(head_, choice.standardized)] if accepted_by_confidence(head_, plain_) else []
-    may += [(brain_, choice.brain)] if brain_ >= plain_ - BRAIN_STEP_TOLERANCE else []
-    kept = max(may, key=lambda m: m[0])[1] if may else choice.plain
+    if brain_ >= max(plain_, head_) - BRAIN_STEP_TOLERANCE:
+        kept = choice.brain
+    else:
+        kept = choice.standardized if accepted_by_confidence(head_, plain_) else choice.plain
     assert choice.kept is kept and choice.is_standardized == (kept is not choice.plain)
     assert choice.note.startswith("intensities standardised" if choice.is_standardized else "intensities kept")
     assert choice.seconds == pytest.approx(sum(r.seconds for r in (choice.plain, choice.standardized, choice.brain)))
@@ -255,13 +256,13 @@ def test_auto_keeps_the_surer_of_the_steps_it_may_keep(model_file, small_volume)
 @pytest.mark.parametrize(
     ("sure", "kept"),
     [
-        ((0.74, 0.70, 0.736), "brain"),  # less sure than as it is, within the tolerance
-        ((0.74, 0.76, 0.73), "head"),  # the brain step too unsure; the head step passes the sure-source margin
-        ((0.74, 0.76, 0.77), "brain"),  # both may be kept: the surer is
-        ((0.74, 0.78, 0.77), "head"),
-        ((0.74, 0.75, 0.73), "plain"),  # neither: the head step's gain is under the margin
+        ((0.74, 0.70, 0.739), "brain"),  # less sure than as it is, within the tolerance
+        ((0.74, 0.70, 0.737), "plain"),  # beyond it, and the head step does not pass the gate
+        ((0.74, 0.76, 0.759), "brain"),  # within the tolerance of the surer other, the head step
+        ((0.74, 0.76, 0.75), "head"),  # beyond it; the head step passes the sure-source margin
+        ((0.74, 0.75, 0.749), "brain"),  # the head step surer, but not enough for the gate: the brain step
+        ((0.74, 0.75, 0.73), "plain"),
         ((0.60, 0.61, 0.50), "head"),  # an unsure source model: any gain passes
-        ((0.60, 0.58, 0.597), "brain"),
     ],
 )
 def test_which_mask_auto_keeps_for_given_confidences(monkeypatch, model_file, small_volume, sure, kept):
