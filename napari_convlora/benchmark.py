@@ -316,11 +316,7 @@ def run_benchmark(
     if any(ADAPTER_METHODS.get(m.removeprefix(STANDARDIZED), ("", ""))[1] in PRIOR_OBJECTIVES for m in methods):
         ShapePrior.of_model(base)  # before any cell
     if any(m.startswith("standardize") for m in methods):
-        reference = IntensityReference.of_model(base)
-        if "standardize-brain" in methods and reference.brain is None:
-            raise InputError(
-                f"{base.path}: this model has no brain intensity landmarks; add them with scripts/add_shape_prior.py"
-            )
+        IntensityReference.of_model(base, brain="standardize-brain" in methods)
     finished = {(c.profile, c.seed, c.method) for c in done}
     for seed in seeds:
         for profile in profiles:

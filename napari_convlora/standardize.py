@@ -47,6 +47,7 @@ METADATA_KEY = "intensity_landmarks"
 MODES = ("off", "on", "auto")  # --standardize: never, always, or every way, one mask kept by auto's rule
 PERCENTILES = (1.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0)
 BRAIN_PERCENTILES = (10.0, 90.0)
+_NO_BRAIN = "this model has no brain intensity landmarks; add them with scripts/add_shape_prior.py"
 _MIN_VOXELS = 1000  # fewer head voxels than this: no histogram to speak of, the scan is left as it is
 
 
@@ -120,9 +121,14 @@ class IntensityReference:
         return cls(values, heads, brain)
 
     @classmethod
-    def of_model(cls, base) -> IntensityReference:
-        """The reference of a :class:`~napari_convlora.model.BaseModel` (InputError if it has none)."""
-        return cls.from_metadata(base.metadata, str(base.path or "the model"))
+    def of_model(cls, base, brain: bool = False) -> IntensityReference:
+        """The reference of a :class:`~napari_convlora.model.BaseModel` (InputError if it has none, or with
+        ``brain`` if it has no brain landmarks)."""
+        where = str(base.path or "the model")
+        reference = cls.from_metadata(base.metadata, where)
+        if brain and reference.brain is None:
+            raise InputError(f"{where}: {_NO_BRAIN}")
+        return reference
 
 
 def _increasing(values: Sequence[float]) -> bool:
@@ -168,7 +174,7 @@ def standardize(scaled: np.ndarray, reference: IntensityReference, brain: np.nda
     holds too little brain).
     """
     if brain is not None and reference.brain is None:
-        raise InputError("this model has no brain intensity landmarks; add them with scripts/add_shape_prior.py")
+        raise InputError(_NO_BRAIN)
     found = head_landmarks(scaled)
     if found is None:
         return scaled

@@ -50,7 +50,7 @@ def training_pairs(metadata: dict, heads: Path) -> list[tuple[Path, Path]]:
         for path, recorded in ((t1, entry["t1_sha256"]), (mask, entry["mask_sha256"])):
             if not path.exists():
                 raise InputError(f"{path}: no such file (the model was trained on head {name!r})")
-            if recorded not in (sha256(path), sha256(path, decompress=True)):
+            if sha256(path) != recorded and sha256(path, decompress=True) != recorded:
                 raise InputError(f"{path}: not the file the model was trained on (SHA-256 differs)")
         pairs.append((t1, mask))
     return pairs
