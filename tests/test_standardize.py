@@ -221,9 +221,9 @@ def test_cli_adapt_standardize_on_a_model_without_landmarks_fails_cleanly(
     assert not out.exists()
 
 
-def test_auto_keeps_the_brain_step_unless_less_sure_than_the_others_then_the_gated_head_step(model_file, small_volume):
+def test_auto_keeps_the_brain_step_if_surer_by_the_lead_then_the_gated_head_step(model_file, small_volume):
     from napari_convlora.selection import (
-        BRAIN_STEP_TOLERANCE,
+        BRAIN_STEP_LEAD,
         accepted_by_confidence,
         iter_plain_and_standardized,
         mask_confidence,
@@ -239,7 +239,7 @@ def test_auto_keeps_the_brain_step_unless_less_sure_than_the_others_then_the_gat
     for made, expected in ((choice.plain, plain), (choice.standardized, head), (choice.brain, brain)):
         assert np.array_equal(made.mask, expected.mask)
     plain_, head_, brain_ = (mask_confidence(r.probability, r.mask) for r in (plain, head, brain))
-    if brain_ >= max(plain_, head_) - BRAIN_STEP_TOLERANCE:
+    if brain_ >= max(plain_, head_) + BRAIN_STEP_LEAD:
         kept = choice.brain
     else:
         kept = choice.standardized if accepted_by_confidence(head_, plain_) else choice.plain
@@ -256,12 +256,13 @@ def test_auto_keeps_the_brain_step_unless_less_sure_than_the_others_then_the_gat
 @pytest.mark.parametrize(
     ("sure", "kept"),
     [
-        ((0.74, 0.70, 0.739), "brain"),  # less sure than as it is, within the tolerance
-        ((0.74, 0.70, 0.737), "plain"),  # beyond it, and the head step does not pass the gate
-        ((0.74, 0.76, 0.759), "brain"),  # within the tolerance of the surer other, the head step
-        ((0.74, 0.76, 0.75), "head"),  # beyond it; the head step passes the sure-source margin
-        ((0.74, 0.75, 0.749), "brain"),  # the head step surer, but not enough for the gate: the brain step
-        ((0.74, 0.75, 0.73), "plain"),
+        ((0.74, 0.70, 0.744), "brain"),  # surer than as it is by more than the lead
+        ((0.74, 0.70, 0.742), "plain"),  # surer by less: not kept, and the head step does not pass the gate
+        ((0.74, 0.70, 0.739), "plain"),  # about as sure as the others: not kept
+        ((0.74, 0.76, 0.764), "brain"),  # surer than the surer other, the head step, by more than the lead
+        ((0.74, 0.76, 0.762), "head"),  # by less; the head step passes the sure-source margin
+        ((0.74, 0.75, 0.76), "brain"),
+        ((0.74, 0.75, 0.752), "plain"),  # the head step surer, but not enough for the gate
         ((0.60, 0.61, 0.50), "head"),  # an unsure source model: any gain passes
     ],
 )
