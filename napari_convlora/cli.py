@@ -901,8 +901,8 @@ STANDARDIZE_HELP = (
     "map the scan's intensity histogram (nine percentiles of the head) onto the model's training heads' before "
     "the network reads it: no training, helps on scanners with another contrast (BENCHMARKS.md section 2); "
     "auto: segment as it is, standardised, and standardised on the brain too (its 10th and 90th percentiles, "
-    "under the standardised mask), and keep the surest standardised mask only if the confidence gate lets it "
-    "(three times the time)"
+    "under the standardised mask); keep the brain-standardised mask if its confidence beats both others' by "
+    "0.003, else the head-standardised one if the confidence gate lets it, else the plain one (three times the time)"
 )
 COMMANDS = {
     "segment": cmd_segment,

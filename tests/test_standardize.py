@@ -298,3 +298,10 @@ def test_cli_segment_standardize_auto(capsys, tmp_path, small_path, model_file):
     assert "note: intensities" in captured.err and out.exists()
     code = main([*args, "--adapter", "auto", "--overwrite"])
     assert code == 2 and "--standardize auto and --adapter auto" in capsys.readouterr().err
+
+
+def test_the_cli_help_states_the_lead_auto_keeps_the_brain_step_by():
+    from napari_convlora.cli import STANDARDIZE_HELP
+    from napari_convlora.selection import BRAIN_STEP_LEAD
+
+    assert f"by {BRAIN_STEP_LEAD}," in " ".join(STANDARDIZE_HELP.split())
