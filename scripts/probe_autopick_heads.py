@@ -1,0 +1,154 @@
+"""Does `--adapter auto`'s ``stats`` criterion name the scanner on heads other than Colin27?
+
+Usage:
+    python scripts/probe_autopick_heads.py --heads heads colin27 pycortex_s1 ds000031 -o out/autopick_heads.json
+    python scripts/probe_autopick_heads.py --reuse out/autopick_heads.json   # the tables again, nothing re-run
+
+``scripts/bench_autopick.py`` measures the pick on Colin27 only, a template-like
+head in MNI space much like the MNI152 head the built-in adapters were made
+from. This probe puts each named head through the six T1 profiles (seeds 0 1 2),
+takes the 10 slices adaptation would read, and for the source model and every
+built-in adapter records, at each encoder BN, the KL pieces that
+:func:`napari_convlora.choose.statistics_fit` sums (the mean term and the
+variance term, averaged over channels, and the median over channels of their
+sum). Offline it then picks with the criterion as shipped (both terms, mean
+over channels and layers) and with variants of it (one term, the median over
+channels, some layers only), fitted on the first head and read on the others:
+the count of scans where the pick names the scan's profile (for ``ge-3t`` the
+source model counts too), as ``bench_autopick.py`` counts it. No segmentation:
+this is about naming the scanner, not what a pick costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_convlora.adapt import select_slices
+from napari_convlora.adapters import apply_adapter, encoder_batchnorms, load_adapter
+from napari_convlora.geometry import plan
+from napari_convlora.library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, SOURCE_MODEL
+from napari_convlora.model import load_model
+from napari_convlora.nifti import load_volume
+from napari_convlora.simulate import PROFILES, SOURCE_PROFILE, simulate
+
+T1_PROFILES = [name for name, profile in PROFILES.items() if not profile.stress]
+LAYERS = {"all": slice(None), "first 1": slice(0, 1), "first 3": slice(0, 3), "last 2": slice(-2, None)}
+
+
+def kl_pieces(unet: torch.nn.Module, images: torch.Tensor) -> list[dict[str, float]]:
+    """Per encoder BN: channel means of the KL's mean and variance terms, and the channel median of their sum."""
+    layers: list[dict[str, float]] = []
+
+    def measure(bn: torch.nn.BatchNorm2d, inputs: tuple[torch.Tensor]) -> None:
+        x = inputs[0].double()
+        m, v = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3)) + bn.eps
+        mu, var = bn.running_mean.double(), bn.running_var.double() + bn.eps
+        mean_term, var_term = 0.5 * (m - mu) ** 2 / var, 0.5 * (v / var - 1.0 - torch.log(v / var))
+        layers.append(
+            {
+                "mean": float(mean_term.mean()),
+                "var": float(var_term.mean()),
+                "median": float((mean_term + var_term).median()),
+            }
+        )
+
+    hooks = [bn.register_forward_pre_hook(measure) for _, bn in encoder_batchnorms(unet)]
+    try:
+        unet.eval()
+        with torch.no_grad():
+            unet.encode(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return layers
+
+
+def collect(heads: Path, names: list[str], seeds: list[int]) -> list[dict]:
+    base = load_model(SOURCE_MODEL)
+    unets = {"source": base.copy().unet}
+    for path in sorted(Path(BUILTIN_ADAPTERS).glob(f"*{ADAPTER_SUFFIX}")):
+        unets[path.name.removesuffix(ADAPTER_SUFFIX)] = apply_adapter(base, load_adapter(path))
+    rows = []
+    for name in names:
+        t1 = load_volume(heads / name / "t1.nii.gz")
+        mask = load_volume(heads / name / "mask_consensus.nii.gz")
+        for seed in seeds:
+            for profile in T1_PROFILES:
+                start = time.perf_counter()
+                scan, _ = simulate(t1, mask, profile, seed=seed)
+                geometry, scaled = plan(scan, base.intensity_scaling)
+                stack = geometry.to_model(scaled)
+                images = torch.from_numpy(stack[select_slices(stack, 10)][:, None].copy())
+                pieces = {label: kl_pieces(unet, images) for label, unet in unets.items()}
+                rows.append({"head": name, "seed": seed, "profile": profile, "candidates": pieces})
+                print(f"{name} seed {seed} {profile}: {time.perf_counter() - start:.1f} s", flush=True)
+    return rows
+
+
+def divergence(layers: list[dict[str, float]], terms: str, layer_slice: slice) -> float:
+    if terms == "median of both":
+        values = [layer["median"] for layer in layers]
+    else:
+        values = [sum(layer[t] for t in ("mean", "var") if terms in ("both", t)) for layer in layers]
+    return float(np.mean(values[layer_slice]))
+
+
+def pick(row: dict, terms: str, layer_slice: slice) -> str:
+    scores = {label: divergence(layers, terms, layer_slice) for label, layers in row["candidates"].items()}
+    return min(scores, key=lambda label: (scores[label], label != "source"))  # ties to the source model
+
+
+def is_right(profile: str, label: str) -> bool:
+    return label == profile or (profile == SOURCE_PROFILE and label == "source")
+
+
+def report(rows: list[dict]) -> None:
+    names = list(dict.fromkeys(row["head"] for row in rows))
+    print(f"\nright picks per head (fit on {names[0]}, read on the others); shipped: both terms, all layers")
+    print("| terms | layers | " + " | ".join(names) + " |")
+    print("|---|---" + "|---" * len(names) + "|")
+    for terms in ("both", "mean", "var", "median of both"):
+        for layers, layer_slice in LAYERS.items():
+            counts = []
+            for name in names:
+                mine = [row for row in rows if row["head"] == name]
+                right = sum(is_right(row["profile"], pick(row, terms, layer_slice)) for row in mine)
+                counts.append(f"{right}/{len(mine)}")
+            print(f"| {terms} | {layers} | " + " | ".join(counts) + " |")
+    for name in names:
+        picks = Counter((row["profile"], pick(row, "both", LAYERS["all"])) for row in rows if row["head"] == name)
+        wrong = ", ".join(
+            f"{profile} -> {label} x{n}"
+            for (profile, label), n in sorted(picks.items())
+            if not is_right(profile, label)
+        )
+        print(f"{name}, shipped criterion, wrong picks: {wrong or 'none'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heads", nargs="+", metavar=("FOLDER", "HEAD"), help="the heads folder, then head names")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("-o", "--output", type=Path)
+    parser.add_argument("--reuse", type=Path, help="a JSON this script wrote: print its tables, run nothing")
+    args = parser.parse_args()
+    if args.reuse:
+        rows = json.loads(args.reuse.read_text())
+    else:
+        if not args.heads or len(args.heads) < 2 or not args.output:
+            parser.error("--heads FOLDER HEAD [HEAD ...] and -o OUTPUT are needed unless --reuse is given")
+        rows = collect(Path(args.heads[0]), args.heads[1:], args.seeds)
+        args.output.write_text(json.dumps(rows))
+    report(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
