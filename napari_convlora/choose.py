@@ -89,14 +89,24 @@ def statistics_fit(unet: UNet2D, images: torch.Tensor) -> float:
     """
     divergences: list[float] = []
 
-    def measure(bn: torch.nn.BatchNorm2d, inputs: tuple[torch.Tensor]) -> None:
-        x = inputs[0].double()
+    def measure(bn: torch.nn.BatchNorm2d, x: torch.Tensor) -> None:
         m, v = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3)) + bn.eps  # unbiased, as BN's running_var
         mu, var = bn.running_mean.double(), bn.running_var.double() + bn.eps
         kl = 0.5 * (v / var + (m - mu) ** 2 / var - 1.0 - torch.log(v / var))
         divergences.append(float(kl.mean()))
 
-    hooks = [bn.register_forward_pre_hook(measure) for _, bn in encoder_batchnorms(unet)]
+    with_encoder_bn_inputs(unet, images, measure)
+    return float(np.exp(-np.mean(divergences)))
+
+
+def with_encoder_bn_inputs(
+    unet: UNet2D, images: torch.Tensor, measure: Callable[[torch.nn.BatchNorm2d, torch.Tensor], None]
+) -> None:
+    """Encode ``images`` (eval mode, no gradients); ``measure(bn, x)`` gets each encoder BN's input, in double."""
+    hooks = [
+        bn.register_forward_pre_hook(lambda module, inputs: measure(module, inputs[0].double()))
+        for _, bn in encoder_batchnorms(unet)
+    ]
     try:
         unet.eval()
         with torch.no_grad():
@@ -104,7 +114,6 @@ def statistics_fit(unet: UNet2D, images: torch.Tensor) -> float:
     finally:
         for hook in hooks:
             hook.remove()
-    return float(np.exp(-np.mean(divergences)))
 
 
 def choose_adapter(

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from napari_convlora.adapt import select_slices
-from napari_convlora.adapters import apply_adapter, encoder_batchnorms, load_adapter
+from napari_convlora.adapters import apply_adapter, load_adapter
+from napari_convlora.choose import with_encoder_bn_inputs
 from napari_convlora.geometry import plan
 from napari_convlora.library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, SOURCE_MODEL
 from napari_convlora.model import load_model
@@ -52,20 +53,12 @@ def feature_statistics(unet: torch.nn.Module, stacks: list[torch.Tensor]) -> Ref
     """
     per_stack: list[list[tuple[float, torch.Tensor, torch.Tensor]]] = []  # (pixels, sum, sum of squares) per BN
 
-    def measure(bn: torch.nn.BatchNorm2d, inputs: tuple[torch.Tensor]) -> None:
-        x = inputs[0].double()
+    def measure(bn: torch.nn.BatchNorm2d, x: torch.Tensor) -> None:
         per_stack[-1].append((x.numel() / x.shape[1], x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))))
 
-    hooks = [bn.register_forward_pre_hook(measure) for _, bn in encoder_batchnorms(unet)]
-    try:
-        unet.eval()
-        with torch.no_grad():
-            for stack in stacks:
-                per_stack.append([])
-                unet.encode(stack)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    for stack in stacks:
+        per_stack.append([])
+        with_encoder_bn_inputs(unet, stack, measure)
     found: Reference = []
     for layer in zip(*per_stack, strict=True):
         count = sum(n for n, _, _ in layer)
@@ -84,8 +77,7 @@ def kl_pieces(
     """
     layers: list[dict[str, float]] = []
 
-    def measure(bn: torch.nn.BatchNorm2d, inputs: tuple[torch.Tensor]) -> None:
-        x = inputs[0].double()
+    def measure(bn: torch.nn.BatchNorm2d, x: torch.Tensor) -> None:
         m, v = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3)) + bn.eps
         if reference is None:
             mu, var = bn.running_mean.double(), bn.running_var.double() + bn.eps
@@ -100,14 +92,7 @@ def kl_pieces(
             }
         )
 
-    hooks = [bn.register_forward_pre_hook(measure) for _, bn in encoder_batchnorms(unet)]
-    try:
-        unet.eval()
-        with torch.no_grad():
-            unet.encode(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with_encoder_bn_inputs(unet, images, measure)
     return layers
 
 
