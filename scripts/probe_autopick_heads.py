@@ -40,7 +40,14 @@ from napari_convlora.nifti import load_volume
 from napari_convlora.simulate import PROFILES, SOURCE_PROFILE, simulate
 
 T1_PROFILES = [name for name, profile in PROFILES.items() if not profile.stress]
-LAYERS = {"all": slice(None), "first 1": slice(0, 1), "first 3": slice(0, 3), "last 2": slice(-2, None)}
+# "deepest level": the last 7 encoder BNs, down3's downsampling conv and its three residual blocks
+LAYERS = {
+    "all": slice(None),
+    "first 1": slice(0, 1),
+    "first 3": slice(0, 3),
+    "last 2": slice(-2, None),
+    "deepest level": slice(-7, None),
+}
 
 
 Reference = list[tuple[torch.Tensor, torch.Tensor]]  # per encoder BN: per-channel mean and variance
