@@ -1,0 +1,195 @@
+"""Can `--adapter auto` name the scanner once the head's anatomy is weighed out? Leave-one-head-out.
+
+Usage:
+    python scripts/probe_autopick_loho.py --heads heads -o out/autopick_loho.npz
+    python scripts/probe_autopick_loho.py --reuse out/autopick_loho.npz   # the tables again, nothing re-run
+
+``scripts/probe_autopick_heads.py`` showed that the ``stats`` criterion, a KL
+divergence between a scan's encoder feature statistics and one head's AdaBN
+statistics, confuses the head's anatomy with the scanner: on real heads it
+names the profile 6 to 17 times in 18, and which layers work best changes from
+head to head. This probe records, for every head under ``--heads`` through
+each T1 profile (seeds 0 1 2) and through the encoder of the source model and
+of every built-in adapter, the per-channel mean and variance of the features
+at every encoder BN on the 10 slices adaptation reads. Offline, each scan is
+then scored against references built from the *other* heads only (seed 0,
+each head through the candidate's own profile; for the source model the
+source profile), so no scan is ever compared with its own head:
+
+- ``KL, own BN statistics``: the criterion as shipped;
+- ``KL, pooled``: the same KL against the other heads' pooled statistics;
+- ``anatomy-weighted``: per channel, the squared distance of the scan's feature
+  mean and log-variance from the mean over the other heads, each divided by
+  how much that quantity varies from head to head under the same profile
+  (shrunk half-way to the layer's mean, as six or seven heads give noisy
+  variances); a channel that moves with anatomy counts little, one that moves
+  only with the scanner counts much.
+
+A pick is right when it names the scan's profile (for ``ge-3t`` the source
+model counts too). The heads the built-in adapters were made from (``mni152``)
+serve in references only, never as a test scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from probe_autopick_heads import T1_PROFILES, is_right, slices_of
+
+from napari_convlora.adapters import apply_adapter, encoder_batchnorms, load_adapter
+from napari_convlora.choose import with_encoder_bn_inputs
+from napari_convlora.library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, SOURCE_MODEL
+from napari_convlora.model import load_model
+from napari_convlora.simulate import SOURCE_PROFILE
+
+ADAPTERS_HEAD = "mni152"
+SEEDS = (0, 1, 2)
+SHRINK = 0.5
+
+
+def moments(unet: torch.nn.Module, images: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per encoder BN: the per-channel mean and (unbiased) variance of its input."""
+    found: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def measure(bn: torch.nn.BatchNorm2d, x: torch.Tensor) -> None:
+        found.append((x.mean(dim=(0, 2, 3)).numpy(), (x.var(dim=(0, 2, 3)) + bn.eps).numpy()))
+
+    with_encoder_bn_inputs(unet, images, measure)
+    return found
+
+
+def collect(heads: Path, names: list[str], output: Path) -> None:
+    base = load_model(SOURCE_MODEL)
+    unets = {"source": base.copy().unet}
+    for path in sorted(Path(BUILTIN_ADAPTERS).glob(f"*{ADAPTER_SUFFIX}")):
+        unets[path.name.removesuffix(ADAPTER_SUFFIX)] = apply_adapter(base, load_adapter(path))
+    arrays: dict[str, np.ndarray] = {}
+    for label, unet in unets.items():  # the statistics each candidate carries
+        for i, (_, bn) in enumerate(encoder_batchnorms(unet)):
+            arrays[f"own|{label}|{i}|mean"] = bn.running_mean.double().numpy()
+            arrays[f"own|{label}|{i}|var"] = (bn.running_var.double() + bn.eps).numpy()
+    for name in names:
+        for seed in SEEDS:
+            for profile in T1_PROFILES:
+                start = time.perf_counter()
+                images = slices_of(heads, name, profile, seed, base.intensity_scaling)
+                for label, unet in unets.items():
+                    for i, (mean, var) in enumerate(moments(unet, images)):
+                        arrays[f"scan|{name}|{profile}|{seed}|{label}|{i}|mean"] = mean
+                        arrays[f"scan|{name}|{profile}|{seed}|{label}|{i}|var"] = var
+                print(f"{name} seed {seed} {profile}: {time.perf_counter() - start:.1f} s", flush=True)
+    layers = len(encoder_batchnorms(base.unet))
+    arrays["meta"] = np.array(json.dumps({"heads": names, "candidates": list(unets), "layers": layers}))
+    np.savez_compressed(output, **arrays)
+
+
+class Data:
+    def __init__(self, path: Path):
+        self.z = np.load(path)
+        meta = json.loads(str(self.z["meta"]))
+        self.heads, self.candidates, self.layers = meta["heads"], meta["candidates"], meta["layers"]
+
+    def scan(self, head: str, profile: str, seed: int, label: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        key = f"scan|{head}|{profile}|{seed}|{label}"
+        return [(self.z[f"{key}|{i}|mean"], self.z[f"{key}|{i}|var"]) for i in range(self.layers)]
+
+    def own(self, label: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(self.z[f"own|{label}|{i}|mean"], self.z[f"own|{label}|{i}|var"]) for i in range(self.layers)]
+
+    def references(self, label: str, pool: list[str]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+        """Per pool head: the candidate's features on that head through the candidate's own profile, seed 0."""
+        profile = SOURCE_PROFILE if label == "source" else label
+        return [self.scan(head, profile, 0, label) for head in pool]
+
+
+def kl(scan, reference) -> float:
+    values = []
+    for (m, v), (mu, var) in zip(scan, reference, strict=True):
+        values.append(float(np.mean(0.5 * (v / var + (m - mu) ** 2 / var - 1.0 - np.log(v / var)))))
+    return float(np.mean(values))
+
+
+def pooled(per_head) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Equal-weight pooling of per-head moments (mixture mean and variance)."""
+    out = []
+    for layer in zip(*per_head, strict=True):
+        means = np.stack([m for m, _ in layer])
+        variances = np.stack([v for _, v in layer])
+        mean = means.mean(0)
+        out.append((mean, variances.mean(0) + means.var(0)))
+    return out
+
+
+def weighted(scan, per_head, terms: str = "both") -> float:
+    values = []
+    for i, (m, v) in enumerate(scan):
+        means = np.stack([h[i][0] for h in per_head])
+        logvars = np.log(np.stack([h[i][1] for h in per_head]))
+        parts = []
+        for value, across in ((m, means),) if terms == "mean" else ((m, means), (np.log(v), logvars)):
+            spread = across.var(0, ddof=1)
+            spread = (1 - SHRINK) * spread + SHRINK * spread.mean() + 1e-12
+            parts.append((value - across.mean(0)) ** 2 / spread)
+        values.append(float(np.mean(sum(parts))))
+    return float(np.mean(values))
+
+
+def evaluate(data: Data) -> None:
+    tests = [h for h in data.heads if h != ADAPTERS_HEAD]
+    rules = {
+        "KL, own BN statistics (as shipped)": lambda scan, label, pool: kl(scan, data.own(label)),
+        "KL, pooled over the other heads": lambda scan, label, pool: kl(scan, pooled(data.references(label, pool))),
+        "anatomy-weighted, mean and log-variance": lambda scan, label, pool: weighted(
+            scan, data.references(label, pool)
+        ),
+        "anatomy-weighted, mean only": lambda scan, label, pool: weighted(scan, data.references(label, pool), "mean"),
+    }
+    print("| criterion | " + " | ".join(tests) + " | all |")
+    print("|---|" + "---|" * (len(tests) + 1))
+    for rule_name, rule in rules.items():
+        counts, wrong = [], Counter()
+        for head in tests:
+            pool = [h for h in data.heads if h != head]
+            right = 0
+            for seed in SEEDS:
+                for profile in T1_PROFILES:
+                    scores = {
+                        label: rule(data.scan(head, profile, seed, label), label, pool) for label in data.candidates
+                    }
+                    picked = min(scores, key=lambda label: (scores[label], label != "source"))
+                    right += is_right(profile, picked)
+                    if not is_right(profile, picked):
+                        wrong[(profile, picked)] += 1
+            counts.append(right)
+        total = len(tests) * len(SEEDS) * len(T1_PROFILES)
+        cells = " | ".join(f"{c}/{len(SEEDS) * len(T1_PROFILES)}" for c in counts)
+        print(f"| {rule_name} | {cells} | {sum(counts)}/{total} ({100 * sum(counts) / total:.0f}%) |")
+        print("    wrong: " + ", ".join(f"{p} -> {label} x{n}" for (p, label), n in wrong.most_common()), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heads", type=Path, help="the heads folder (scripts/prepare_heads.py); every T1 head in it")
+    parser.add_argument("--names", nargs="+", help="only these heads (default: every head with a consensus mask)")
+    parser.add_argument("-o", "--output", type=Path)
+    parser.add_argument("--reuse", type=Path, help="an .npz this script wrote: print its tables, run nothing")
+    args = parser.parse_args()
+    if not args.reuse:
+        if not args.heads or not args.output:
+            parser.error("--heads and -o are needed unless --reuse is given")
+        names = args.names or sorted(
+            p.parent.name for p in args.heads.glob("*/mask_consensus.nii.gz") if not p.parent.name.endswith("_t2")
+        )
+        collect(args.heads, names, args.output)
+    evaluate(Data(args.reuse or args.output))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
