@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from collections import Counter
 from pathlib import Path
@@ -53,12 +54,16 @@ SEEDS = (0, 1, 2)
 SHRINK = 0.5
 
 
-def moments(unet: torch.nn.Module, images: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per encoder BN: the per-channel mean and (unbiased) variance of its input."""
-    found: list[tuple[np.ndarray, np.ndarray]] = []
+def moments(unet: torch.nn.Module, images: torch.Tensor) -> list[tuple[list[float], list[float]]]:
+    """Per encoder BN: the per-channel mean and (unbiased) variance of its input.
+
+    As Python floats: small arrays kept alive between the big activations would
+    pin glibc's heap, and the process grew by a gigabyte per scan.
+    """
+    found: list[tuple[list[float], list[float]]] = []
 
     def measure(bn: torch.nn.BatchNorm2d, x: torch.Tensor) -> None:
-        found.append((x.mean(dim=(0, 2, 3)).numpy(), (x.var(dim=(0, 2, 3)) + bn.eps).numpy()))
+        found.append((x.mean(dim=(0, 2, 3)).tolist(), (x.var(dim=(0, 2, 3)) + bn.eps).tolist()))
 
     with_encoder_bn_inputs(unet, images, measure)
     return found
@@ -69,11 +74,11 @@ def collect(heads: Path, names: list[str], output: Path) -> None:
     unets = {"source": base.copy().unet}
     for path in sorted(Path(BUILTIN_ADAPTERS).glob(f"*{ADAPTER_SUFFIX}")):
         unets[path.name.removesuffix(ADAPTER_SUFFIX)] = apply_adapter(base, load_adapter(path))
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, list[float]] = {}
     for label, unet in unets.items():  # the statistics each candidate carries
         for i, (_, bn) in enumerate(encoder_batchnorms(unet)):
-            arrays[f"own|{label}|{i}|mean"] = bn.running_mean.double().numpy()
-            arrays[f"own|{label}|{i}|var"] = (bn.running_var.double() + bn.eps).numpy()
+            arrays[f"own|{label}|{i}|mean"] = bn.running_mean.double().tolist()
+            arrays[f"own|{label}|{i}|var"] = (bn.running_var.double() + bn.eps).tolist()
     for name in names:
         for seed in SEEDS:
             for profile in T1_PROFILES:
@@ -83,10 +88,11 @@ def collect(heads: Path, names: list[str], output: Path) -> None:
                     for i, (mean, var) in enumerate(moments(unet, images)):
                         arrays[f"scan|{name}|{profile}|{seed}|{label}|{i}|mean"] = mean
                         arrays[f"scan|{name}|{profile}|{seed}|{label}|{i}|var"] = var
-                print(f"{name} seed {seed} {profile}: {time.perf_counter() - start:.1f} s", flush=True)
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+                print(f"{name} seed {seed} {profile}: {time.perf_counter() - start:.1f} s, peak {rss} MiB", flush=True)
     layers = len(encoder_batchnorms(base.unet))
-    arrays["meta"] = np.array(json.dumps({"heads": names, "candidates": list(unets), "layers": layers}))
-    np.savez_compressed(output, **arrays)
+    meta = json.dumps({"heads": names, "candidates": list(unets), "layers": layers})
+    np.savez_compressed(output, meta=np.array(meta), **{key: np.asarray(value) for key, value in arrays.items()})
 
 
 class Data:
