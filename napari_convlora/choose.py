@@ -5,11 +5,16 @@ for this base model, on the same handful of slices of the scan that adaptation
 would read (:func:`napari_convlora.adapt.select_slices`):
 
 - ``stats`` (the default): how well the scan's encoder feature statistics match
-  the batch-norm statistics the candidate carries. An adapter's AdaBN statistics
-  *are* the feature statistics of its own scanner, so the scan is run through the
-  candidate's encoder and, at every encoder BN, the per-channel Gaussian of the
-  scan's features is compared with the stored one (KL divergence, averaged over
-  channels and layers). The score is exp(-KL): 1 when the statistics match.
+  the candidate's scanner. The scan is run through the candidate's encoder and
+  its per-channel feature statistics at every encoder BN are compared with the
+  candidate's. Where the model file carries a scanner reference learnt over
+  several heads (:mod:`napari_convlora.scanner_reference`), every candidate is
+  scored by the anatomy-weighted distance from its reference (an adapter file
+  without one is represented by its AdaBN statistics, with the source
+  reference's head-to-head spreads); otherwise by the KL divergence from the
+  BN statistics it carries (an adapter's AdaBN statistics *are* the feature
+  statistics of its own scanner, but of one head). The score is exp(-distance):
+  1 when the statistics match.
 - ``agreement``: the ConvLoRA paper's epoch-selection criterion, the 2D surface
   Dice between the early head's and the final masks (a model that fits a scanner
   gives consistent answers at both depths).
@@ -37,7 +42,7 @@ import numpy as np
 import torch
 
 from .adapt import agreement, select_slices
-from .adapters import Adapter, apply_adapter, encoder_batchnorms, load_adapter
+from .adapters import Adapter, apply_adapter, load_adapter
 from .device import pick_device
 from .errors import InputError
 from .geometry import plan
@@ -45,6 +50,13 @@ from .inference import Segmentation, SegmentProgress, iter_segment
 from .library import ADAPTER_SUFFIX
 from .model import BaseModel, UNet2D
 from .nifti import Volume
+from .scanner_reference import (
+    ScannerReference,
+    feature_moments,
+    from_batchnorms,
+    reference_from_metadata,
+    with_encoder_bn_inputs,
+)
 from .selection import (
     GATE_MARGIN,
     accepted_by_confidence,
@@ -55,7 +67,7 @@ from .selection import (
 
 SOURCE = "source"
 CRITERIA = {
-    "stats": "fit of the scan's encoder feature statistics to the candidate's BN statistics, exp(-KL)",
+    "stats": "fit of the scan's encoder feature statistics to the candidate's scanner statistics, exp(-distance)",
     "agreement": "agreement of early head and final mask (2D surface Dice @ 1 mm)",
     "consistency": "stability of the mask under noise, bias and blur (Dice), adapters needing the gate's margin",
 }
@@ -69,11 +81,13 @@ class AutoChoice:
     scores: dict[str, float]  # candidate -> score (higher is better)
     skipped: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not scored
     criterion: str = DEFAULT_CRITERION
+    basis: str = ""  # what the scores were measured against, where the criterion has more than one way
 
     @property
     def reason(self) -> str:
         ranked = ", ".join(f"{name} {score:.3f}" for name, score in sorted(self.scores.items(), key=lambda kv: -kv[1]))
-        text = f"auto chose {self.label}: best {CRITERIA[self.criterion]}, no labels used ({ranked})"
+        basis = f" {self.basis}" if self.basis else ""
+        text = f"auto chose {self.label}: best {CRITERIA[self.criterion]}{basis}, no labels used ({ranked})"
         if self.skipped:
             text += f"; skipped {', '.join(sorted(self.skipped))} (made for another model or unreadable)"
         return text
@@ -99,23 +113,6 @@ def statistics_fit(unet: UNet2D, images: torch.Tensor) -> float:
     return float(np.exp(-np.mean(divergences)))
 
 
-def with_encoder_bn_inputs(
-    unet: UNet2D, images: torch.Tensor, measure: Callable[[torch.nn.BatchNorm2d, torch.Tensor], None]
-) -> None:
-    """Encode ``images`` (eval mode, no gradients); ``measure(bn, x)`` gets each encoder BN's input, in double."""
-    hooks = [
-        bn.register_forward_pre_hook(lambda module, inputs: measure(module, inputs[0].double()))
-        for _, bn in encoder_batchnorms(unet)
-    ]
-    try:
-        unet.eval()
-        with torch.no_grad():
-            unet.encode(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
 def choose_adapter(
     base: BaseModel,
     volume: Volume,
@@ -139,9 +136,15 @@ def choose_adapter(
     stack = geometry.to_model(scaled)
     images = torch.from_numpy(stack[select_slices(stack, slices)][:, None].copy()).to(torch_device)
     head = base.copy().head.to(torch_device).eval()
+    source_reference = None
+    if criterion == "stats":
+        source_reference = reference_from_metadata(base.path or "the model", base.metadata, base.unet)
 
-    def score(unet: UNet2D) -> float:
+    def score(unet: UNet2D, reference: ScannerReference | None) -> float:
         unet = unet.to(torch_device)
+        if criterion == "stats" and source_reference is not None:
+            reference = reference or from_batchnorms(unet, source_reference)
+            return float(np.exp(-reference.distance(feature_moments(unet, images))))
         if criterion == "stats":
             return statistics_fit(unet, images)
         if criterion == "consistency":
@@ -149,7 +152,7 @@ def choose_adapter(
         return agreement(unet, head, images, geometry, batch_size=4)
 
     found: dict[str, Adapter | None] = {SOURCE: None}
-    scores = {SOURCE: score(base.copy().unet)}
+    scores = {SOURCE: score(base.copy().unet, source_reference)}
     skipped: dict[str, str] = {}
     for path in candidates:
         name = Path(path).name.removesuffix(ADAPTER_SUFFIX)
@@ -158,14 +161,20 @@ def choose_adapter(
         try:
             adapter = load_adapter(path)
             unet = apply_adapter(base, adapter)
+            reference = reference_from_metadata(path, adapter.metadata, unet) if source_reference else None
         except InputError as exc:
             skipped[name] = str(exc)
             continue
         found[name] = adapter
-        scores[name] = score(unet)
+        scores[name] = score(unet, reference)
     margin = {SOURCE: GATE_MARGIN if criterion == "consistency" else 0.0}
     best = max(scores, key=lambda name: (scores[name] + margin.get(name, 0.0), name == SOURCE))
-    return AutoChoice(found[best], best, scores, skipped, criterion)
+    basis = ""
+    if criterion == "stats":
+        basis = "(KL to each candidate's BN statistics)"
+        if source_reference is not None:
+            basis = f"(anatomy-weighted, references learnt over {len(source_reference.heads)} heads)"
+    return AutoChoice(found[best], best, scores, skipped, criterion, basis)
 
 
 @dataclass

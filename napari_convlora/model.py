@@ -40,6 +40,7 @@ from .standardize import METADATA_KEY as LANDMARKS_KEY
 MODEL_FORMAT = "convlora-model"
 MODEL_FORMAT_VERSION = 1
 METADATA_KEY = "convlora"
+SCANNER_REFERENCE_KEY = "scanner_reference"  # napari_convlora.scanner_reference, for --adapter auto
 ENCODER = ("init_path", "down1", "down2", "down3")
 
 
@@ -235,7 +236,8 @@ def save_model(model: BaseModel, path: str | os.PathLike, training: dict | None 
         "model_id": model_id,
         "training": training if training is not None else model.metadata.get("training", {}),
     }
-    for key in (PRIOR_KEY, LANDMARKS_KEY):  # the size prior and the intensity landmarks of the training heads
+    # the size prior and the intensity landmarks of the training heads, the scanner reference of auto-pick
+    for key in (PRIOR_KEY, LANDMARKS_KEY, SCANNER_REFERENCE_KEY):
         if key in model.metadata:
             metadata[key] = model.metadata[key]
     text = json.dumps(metadata)

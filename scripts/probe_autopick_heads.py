@@ -32,11 +32,11 @@ import torch
 
 from napari_convlora.adapt import select_slices
 from napari_convlora.adapters import apply_adapter, load_adapter
-from napari_convlora.choose import with_encoder_bn_inputs
 from napari_convlora.geometry import plan
 from napari_convlora.library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, SOURCE_MODEL
 from napari_convlora.model import load_model
 from napari_convlora.nifti import load_volume
+from napari_convlora.scanner_reference import with_encoder_bn_inputs
 from napari_convlora.simulate import PROFILES, SOURCE_PROFILE, simulate
 
 T1_PROFILES = [name for name, profile in PROFILES.items() if not profile.stress]

@@ -40,33 +40,16 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 from probe_autopick_heads import T1_PROFILES, is_right, slices_of
 
 from napari_convlora.adapters import apply_adapter, encoder_batchnorms, load_adapter
-from napari_convlora.choose import with_encoder_bn_inputs
 from napari_convlora.library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, SOURCE_MODEL
 from napari_convlora.model import load_model
+from napari_convlora.scanner_reference import SHRINK, feature_moments, learn_reference
 from napari_convlora.simulate import SOURCE_PROFILE
 
 ADAPTERS_HEAD = "mni152"
 SEEDS = (0, 1, 2)
-SHRINK = 0.5
-
-
-def moments(unet: torch.nn.Module, images: torch.Tensor) -> list[tuple[list[float], list[float]]]:
-    """Per encoder BN: the per-channel mean and (unbiased) variance of its input.
-
-    As Python floats: small arrays kept alive between the big activations would
-    pin glibc's heap, and the process grew by a gigabyte per scan.
-    """
-    found: list[tuple[list[float], list[float]]] = []
-
-    def measure(bn: torch.nn.BatchNorm2d, x: torch.Tensor) -> None:
-        found.append((x.mean(dim=(0, 2, 3)).tolist(), (x.var(dim=(0, 2, 3)) + bn.eps).tolist()))
-
-    with_encoder_bn_inputs(unet, images, measure)
-    return found
 
 
 def collect(heads: Path, names: list[str], output: Path) -> None:
@@ -85,9 +68,9 @@ def collect(heads: Path, names: list[str], output: Path) -> None:
                 start = time.perf_counter()
                 images = slices_of(heads, name, profile, seed, base.intensity_scaling)
                 for label, unet in unets.items():
-                    for i, (mean, var) in enumerate(moments(unet, images)):
-                        arrays[f"scan|{name}|{profile}|{seed}|{label}|{i}|mean"] = mean
-                        arrays[f"scan|{name}|{profile}|{seed}|{label}|{i}|var"] = var
+                    for i, (mean, var) in enumerate(feature_moments(unet, images)):
+                        arrays[f"scan|{name}|{profile}|{seed}|{label}|{i}|mean"] = mean.tolist()
+                        arrays[f"scan|{name}|{profile}|{seed}|{label}|{i}|var"] = var.tolist()
                 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
                 print(f"{name} seed {seed} {profile}: {time.perf_counter() - start:.1f} s, peak {rss} MiB", flush=True)
     layers = len(encoder_batchnorms(base.unet))
@@ -132,17 +115,14 @@ def pooled(per_head) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def weighted(scan, per_head, terms: str = "both") -> float:
+def mean_only(scan, per_head) -> float:
+    """The anatomy-weighted distance of the feature means alone (the log-variance term left out)."""
     values = []
-    for i, (m, v) in enumerate(scan):
+    for i, (m, _) in enumerate(scan):
         means = np.stack([h[i][0] for h in per_head])
-        logvars = np.log(np.stack([h[i][1] for h in per_head]))
-        parts = []
-        for value, across in ((m, means),) if terms == "mean" else ((m, means), (np.log(v), logvars)):
-            spread = across.var(0, ddof=1)
-            spread = (1 - SHRINK) * spread + SHRINK * spread.mean() + 1e-12
-            parts.append((value - across.mean(0)) ** 2 / spread)
-        values.append(float(np.mean(sum(parts))))
+        spread = means.var(0, ddof=1)
+        spread = (1 - SHRINK) * spread + SHRINK * spread.mean() + 1e-12
+        values.append(float(np.mean((m - means.mean(0)) ** 2 / spread)))
     return float(np.mean(values))
 
 
@@ -151,10 +131,11 @@ def evaluate(data: Data) -> None:
     rules = {
         "KL, own BN statistics (as shipped)": lambda scan, label, pool: kl(scan, data.own(label)),
         "KL, pooled over the other heads": lambda scan, label, pool: kl(scan, pooled(data.references(label, pool))),
-        "anatomy-weighted, mean and log-variance": lambda scan, label, pool: weighted(
-            scan, data.references(label, pool)
-        ),
-        "anatomy-weighted, mean only": lambda scan, label, pool: weighted(scan, data.references(label, pool), "mean"),
+        # scanner_reference, as `--adapter auto` uses it
+        "anatomy-weighted, mean and log-variance": lambda scan, label, pool: learn_reference(
+            data.references(label, pool), pool
+        ).distance(scan),
+        "anatomy-weighted, mean only": lambda scan, label, pool: mean_only(scan, data.references(label, pool)),
     }
     print("| criterion | " + " | ".join(tests) + " | all |")
     print("|---|" + "---|" * (len(tests) + 1))

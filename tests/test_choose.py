@@ -52,6 +52,7 @@ def test_stats_pick_the_adapter_of_the_scans_own_scanner(tmp_path, small_volume,
         assert set(choice.scores) == {SOURCE, "plain", "flipped"}
         assert choice.label == expected and choice.adapter is not None
         assert choice.reason.startswith(f"auto chose {expected}") and "no labels" in choice.reason
+        assert "KL to each candidate's BN statistics" in choice.reason  # the model carries no scanner reference
 
 
 def test_agreement_criterion_scores_every_candidate_and_skips_foreign_ones(tmp_path, small_volume):
