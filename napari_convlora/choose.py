@@ -13,8 +13,8 @@ would read (:func:`napari_convlora.adapt.select_slices`):
   without one is represented by its AdaBN statistics, with the source
   reference's head-to-head spreads); otherwise by the KL divergence from the
   BN statistics it carries (an adapter's AdaBN statistics *are* the feature
-  statistics of its own scanner, but of one head). The score is exp(-distance):
-  1 when the statistics match.
+  statistics of its own scanner, but of one head). The score is 1 / (1 + distance),
+  or exp(-KL): 1 when the statistics match.
 - ``agreement``: the ConvLoRA paper's epoch-selection criterion, the 2D surface
   Dice between the early head's and the final masks (a model that fits a scanner
   gives consistent answers at both depths).
@@ -67,7 +67,7 @@ from .selection import (
 
 SOURCE = "source"
 CRITERIA = {
-    "stats": "fit of the scan's encoder feature statistics to the candidate's scanner statistics, exp(-distance)",
+    "stats": "fit of the scan's encoder feature statistics to the candidate's scanner statistics",
     "agreement": "agreement of early head and final mask (2D surface Dice @ 1 mm)",
     "consistency": "stability of the mask under noise, bias and blur (Dice), adapters needing the gate's margin",
 }
@@ -144,7 +144,8 @@ def choose_adapter(
         unet = unet.to(torch_device)
         if criterion == "stats" and source_reference is not None:
             reference = reference or from_batchnorms(unet, source_reference)
-            return float(np.exp(-reference.distance(feature_moments(unet, images))))
+            # 1 / (1 + d), not exp(-d): a scan far from every reference must not round every score to 0 (a tie)
+            return 1.0 / (1.0 + reference.distance(feature_moments(unet, images)))
         if criterion == "stats":
             return statistics_fit(unet, images)
         if criterion == "consistency":
@@ -171,9 +172,10 @@ def choose_adapter(
     best = max(scores, key=lambda name: (scores[name] + margin.get(name, 0.0), name == SOURCE))
     basis = ""
     if criterion == "stats":
-        basis = "(KL to each candidate's BN statistics)"
+        basis = "(KL to each candidate's BN statistics, score exp(-KL))"
         if source_reference is not None:
-            basis = f"(anatomy-weighted, references learnt over {len(source_reference.heads)} heads)"
+            basis = f"(anatomy-weighted distance d to references learnt over {len(source_reference.heads)} heads, "
+            basis += "score 1/(1+d))"
     return AutoChoice(found[best], best, scores, skipped, criterion, basis)
 
 

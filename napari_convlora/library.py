@@ -23,6 +23,8 @@ import platformdirs
 from .adapters import Adapter, load_adapter, save_adapter
 from .errors import InputError
 from .files import check_output_path, publish_new
+from .scanner_reference import METADATA_KEY as REFERENCE_KEY
+from .scanner_reference import summary as reference_summary
 
 RESOURCES = Path(str(files("napari_convlora.resources")))
 SOURCE_MODEL = RESOURCES / "source_model.safetensors"
@@ -110,7 +112,7 @@ class AdapterInfo:
             "size_bytes": self.size_bytes,
             "sha256": self.sha256,
             "error": self.error,
-            "metadata": meta,
+            "metadata": {k: reference_summary(v) if k == REFERENCE_KEY else v for k, v in meta.items()},
         }
 
 

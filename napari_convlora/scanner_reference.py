@@ -124,8 +124,9 @@ def from_batchnorms(unet: UNet2D, spreads: ScannerReference) -> ScannerReference
     """
     layers = []
     for (_, bn), ref in zip(encoder_batchnorms(unet), spreads.layers, strict=True):
-        mean, var = bn.running_mean.double().numpy(), (bn.running_var.double() + bn.eps).numpy()
-        layers.append(LayerReference(mean.copy(), ref.mean_spread, np.log(var), ref.log_var_spread))
+        mean = bn.running_mean.detach().cpu().double().numpy().copy()  # the U-Net may sit on a GPU
+        var = (bn.running_var.detach().cpu().double() + bn.eps).numpy()
+        layers.append(LayerReference(mean, ref.mean_spread, np.log(var), ref.log_var_spread))
     return ScannerReference(("its own statistics",), tuple(layers))
 
 
@@ -139,16 +140,31 @@ def reference_from_metadata(where: object, metadata: dict, unet: UNet2D) -> Scan
     if not isinstance(raw, dict) or not isinstance(raw.get("layers"), list) or len(raw["layers"]) != len(channels):
         raise InputError(f"{problem} does not have one entry per encoder batch norm ({len(channels)})")
     heads = raw.get("heads")
-    if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
-        raise InputError(f"{problem} has no list of head names")
+    if not isinstance(heads, list) or len(heads) < 2 or not all(isinstance(h, str) for h in heads):
+        raise InputError(f"{problem} does not name the two or more heads it was learnt from")
     layers, keys = [], ("mean", "mean_spread", "log_var", "log_var_spread")
     for entry, width in zip(raw["layers"], channels, strict=True):
-        try:
-            arrays = [np.asarray(entry[key], dtype=float) for key in keys]
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"{problem} has a layer without numeric mean, log_var and spreads") from None
+        values = [entry.get(key) if isinstance(entry, dict) else None for key in keys]
+        if not all(isinstance(v, list) and all(_is_number(x) for x in v) for v in values):
+            raise InputError(f"{problem} has a layer without numeric mean, log_var and spreads")
+        arrays = [np.asarray(v, dtype=float) for v in values]
         wrong = any(a.shape != (width,) or not np.isfinite(a).all() for a in arrays)
         if wrong or (arrays[1] <= 0).any() or (arrays[3] <= 0).any():
             raise InputError(f"{problem} has a layer of the wrong size, non-finite values or spreads that are not > 0")
         layers.append(LayerReference(*arrays))
     return ScannerReference(tuple(heads), tuple(layers))
+
+
+def _is_number(value: object) -> bool:
+    """A JSON number that fits a float (not a bool, a string or an integer too big for a double)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, float) or abs(value) < 2**1023
+
+
+def summary(raw: object) -> object:
+    """What a listing shows of a file's reference: its heads and layer count, not thousands of numbers."""
+    if not isinstance(raw, dict):
+        return "(not a scanner reference)"
+    layers = raw.get("layers")
+    return {"heads": raw.get("heads"), "layers": len(layers) if isinstance(layers, list) else None}

@@ -68,14 +68,12 @@ def main() -> int:
         for adapter in adapters:
             if adapter.name not in PROFILES:
                 raise InputError(f"{adapter.path}: named {adapter.name!r}, not for a simulated profile")
-        for label, unet, profile in [
-            ("source model", base.unet, SOURCE_PROFILE),
-            *((adapter.name, apply_adapter(base, adapter), adapter.name) for adapter in adapters),
-        ]:
+        jobs = [(base.metadata, "source model", base.unet, SOURCE_PROFILE)]
+        jobs += [(a.metadata, a.name, apply_adapter(base, a), a.name) for a in adapters]
+        for metadata, label, unet, profile in jobs:  # every reference is computed before any file is written
             stacks = pool_slices(args.heads, args.pool, profile, base.intensity_scaling)
             reference = learn_reference([feature_moments(unet, stack) for stack in stacks], args.pool)
-            target = base.metadata if label == "source model" else next(a for a in adapters if a.name == label).metadata
-            target[METADATA_KEY] = reference.as_metadata()
+            metadata[METADATA_KEY] = reference.as_metadata()
             print(f"{label}: reference over {', '.join(args.pool)} through {profile}", flush=True)
         if save_model(base, args.model, overwrite=True) != before:
             raise InputError(f"{args.model}: the model id changed; the weights must be written unchanged")

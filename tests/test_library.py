@@ -12,6 +12,7 @@ import napari_convlora.adapters as adapters_module
 from napari_convlora import library
 from napari_convlora.adapters import save_adapter
 from napari_convlora.cli import main
+from napari_convlora.library import BUILTIN_ADAPTERS as SHIPPED_ADAPTERS
 from napari_convlora.model import save_model
 
 from .conftest import make_model
@@ -299,3 +300,15 @@ def test_rename_keeps_the_file_and_refuses_builtins_and_taken_names(capsys, tmp_
     assert user_files(tmp_path) == ["b.safetensors", "site-b-ge.safetensors"] and builtin.is_file()
     code, out, _ = run(capsys, "adapters", "rename", "b", "c")
     assert code == 0 and out.startswith("b: renamed to 'c'")
+
+
+def test_a_scanner_reference_is_listed_as_its_heads_not_its_numbers(capsys, tmp_path):
+    """A built-in's reference holds thousands of numbers; `show` and `--json` give its heads and layer count."""
+    (tmp_path / "builtin").mkdir()
+    shipped = (SHIPPED_ADAPTERS / "siemens-3t.safetensors").read_bytes()
+    (tmp_path / "builtin" / "siemens-3t.safetensors").write_bytes(shipped)
+    code, out, _ = run(capsys, "adapters", "show", "siemens-3t")
+    [line] = [line for line in out.splitlines() if line.startswith("metadata.scanner_reference")]
+    assert code == 0 and len(line) < 300 and "ds000031" in line
+    reference = run_json(capsys, "adapters", "show", "siemens-3t")["metadata"]["scanner_reference"]
+    assert reference["layers"] == 27 and len(reference["heads"]) == 7

@@ -85,7 +85,22 @@ def test_a_reference_survives_the_file_and_a_bad_one_is_refused_naming_the_file(
     nan["layers"] += good["layers"][1:]
     zero = {**good, "layers": [{**good["layers"][0], "mean_spread": [0.0] * len(good["layers"][0]["mean"])}]}
     zero["layers"] += good["layers"][1:]
-    for broken, message in ((bad_layers, "one entry per encoder batch norm"), (nan, "non-finite"), (zero, "> 0")):
+    first = good["layers"][0]
+    strings = {**good, "layers": [{**first, "mean": [str(v) for v in first["mean"]]}, *good["layers"][1:]]}
+    huge = {**good, "layers": [{**first, "mean": [10**400] * len(first["mean"])}, *good["layers"][1:]]}
+    not_dicts = {**good, "layers": [[1.0]] * len(good["layers"])}
+    one_head = {**good, "heads": ["four"]}
+    cases = (
+        (bad_layers, "one entry per encoder batch norm"),
+        (nan, "non-finite"),
+        (zero, "> 0"),
+        (strings, "numeric"),
+        (huge, "numeric"),
+        (not_dicts, "numeric"),
+        (one_head, "two or more heads"),
+        ("a string", "one entry per encoder batch norm"),
+    )
+    for broken, message in cases:
         with pytest.raises(InputError, match=message) as caught:
             reference_from_metadata(path, {METADATA_KEY: broken}, unet)
         assert str(caught.value).startswith(str(path))
@@ -114,6 +129,10 @@ def test_auto_with_references_names_the_scanner_and_says_how(tmp_path, small_vol
 
     choice = choose_adapter(base, inverted, [files["plain"], files["flipped"]], device="cpu", slices=4)
     assert choice.label == "flipped" and "anatomy-weighted" in choice.reason and "2 heads" in choice.reason
+    # a scan far from every reference still ranks the candidates: no score rounds to a tie at 0
+    far = replace(inverted, data=np.where(inverted.data > inverted.data.mean(), inverted.data, 0.0))
+    scores = choose_adapter(base, far, [files["plain"], files["flipped"]], device="cpu", slices=4).scores
+    assert len(set(scores.values())) == 3 and min(scores.values()) > 0.0
     choice = choose_adapter(base, inverted, list(files.values()), device="cpu", slices=4)
     assert set(choice.scores) == {SOURCE, "plain", "flipped", "bare"} and choice.label in {"flipped", "bare"}
     assert all(0.0 <= score <= 1.0 for score in choice.scores.values())
@@ -122,7 +141,8 @@ def test_auto_with_references_names_the_scanner_and_says_how(tmp_path, small_vol
     unet = apply_adapter(base, load_adapter(files["bare"]))
     source_reference = reference_from_metadata("m", base.metadata, base.unet)
     fallback = from_batchnorms(unet, source_reference)
-    expected = np.exp(-fallback.distance(feature_moments(unet, _images(inverted))))
+    assert all(isinstance(layer.mean, np.ndarray) for layer in fallback.layers)
+    expected = 1.0 / (1.0 + fallback.distance(feature_moments(unet, _images(inverted))))
     assert choice.scores["bare"] == pytest.approx(expected)
 
     # a broken reference in an adapter file skips that adapter, with the reason kept
