@@ -9,9 +9,9 @@ would read (:func:`napari_convlora.adapt.select_slices`):
   its per-channel feature statistics at every encoder BN are compared with the
   candidate's. Where the model file carries a scanner reference learnt over
   several heads (:mod:`napari_convlora.scanner_reference`), every candidate is
-  scored by the anatomy-weighted distance from its reference (an adapter file
-  without one is represented by its AdaBN statistics, with the source
-  reference's head-to-head spreads); otherwise by the KL divergence from the
+  scored by the anatomy-weighted distance from its reference, measured with the
+  source reference's head-to-head spreads (an adapter file without a reference
+  is represented by its AdaBN statistics); otherwise by the KL divergence from the
   BN statistics it carries (an adapter's AdaBN statistics *are* the feature
   statistics of its own scanner, but of one head). The score is 1 / (1 + distance),
   or exp(-KL): 1 when the statistics match.
@@ -143,7 +143,10 @@ def choose_adapter(
     def score(unet: UNet2D, reference: ScannerReference | None) -> float:
         unet = unet.to(torch_device)
         if criterion == "stats" and source_reference is not None:
-            reference = reference or from_batchnorms(unet, source_reference)
+            # one metric for every candidate: the source model's head-to-head spreads
+            reference = (
+                reference.with_spreads_of(source_reference) if reference else from_batchnorms(unet, source_reference)
+            )
             # 1 / (1 + d), not exp(-d): a scan far from every reference must not round every score to 0 (a tie)
             return 1.0 / (1.0 + reference.distance(feature_moments(unet, images)))
         if criterion == "stats":

@@ -11,7 +11,8 @@ candidate's scanner profile: per channel, the mean over heads of the feature
 mean and log-variance, and how much each varies from head to head. A scan is
 then scored by its squared distance from those means, each channel divided by
 its head-to-head spread: a channel that moves with anatomy counts little, one
-that moves only with the scanner counts much. The spreads are shrunk half-way
+that moves only with the scanner counts much. Every candidate is measured with
+the source model's spreads (:meth:`ScannerReference.with_spreads_of`). The spreads are shrunk half-way
 to their layer's mean, since a handful of heads gives noisy variances.
 
 Stored as JSON in the metadata of the model file (the source model's
@@ -88,6 +89,21 @@ class ScannerReference:
             parts = (mean - ref.mean) ** 2 / ref.mean_spread + (np.log(var) - ref.log_var) ** 2 / ref.log_var_spread
             values.append(float(np.mean(parts)))
         return float(np.mean(values))
+
+    def with_spreads_of(self, other: ScannerReference) -> ScannerReference:
+        """This reference's means, ``other``'s head-to-head spreads.
+
+        `--adapter auto` measures every candidate with the source model's spreads:
+        one metric for all, as linear discriminant analysis shares one covariance
+        between its classes. With each candidate's own spreads, a scanner whose
+        features vary more from head to head (a strong bias field) draws scans
+        of other scanners to itself (BENCHMARKS section 3).
+        """
+        layers = [
+            LayerReference(mine.mean, theirs.mean_spread, mine.log_var, theirs.log_var_spread)
+            for mine, theirs in zip(self.layers, other.layers, strict=True)
+        ]
+        return ScannerReference(self.heads, tuple(layers))
 
     def as_metadata(self) -> dict:
         keys = ("mean", "mean_spread", "log_var", "log_var_spread")

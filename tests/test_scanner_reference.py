@@ -137,9 +137,18 @@ def test_auto_with_references_names_the_scanner_and_says_how(tmp_path, small_vol
     assert set(choice.scores) == {SOURCE, "plain", "flipped", "bare"} and choice.label in {"flipped", "bare"}
     assert all(0.0 <= score <= 1.0 for score in choice.scores.values())
 
+    # every candidate is measured with the source reference's spreads
+    source_reference = reference_from_metadata("m", base.metadata, base.unet)
+    flipped = load_adapter(files["flipped"])
+    unet = apply_adapter(base, flipped)
+    own = reference_from_metadata("f", flipped.metadata, unet)
+    shared = own.with_spreads_of(source_reference)
+    assert shared.layers[0].mean is own.layers[0].mean
+    assert shared.layers[0].mean_spread is source_reference.layers[0].mean_spread
+    expected = 1.0 / (1.0 + shared.distance(feature_moments(unet, _images(inverted))))
+    assert choice.scores["flipped"] == pytest.approx(expected)
     # the fallback is exactly the bare adapter's BN statistics with the source reference's spreads
     unet = apply_adapter(base, load_adapter(files["bare"]))
-    source_reference = reference_from_metadata("m", base.metadata, base.unet)
     fallback = from_batchnorms(unet, source_reference)
     assert all(isinstance(layer.mean, np.ndarray) for layer in fallback.layers)
     expected = 1.0 / (1.0 + fallback.distance(feature_moments(unet, _images(inverted))))
