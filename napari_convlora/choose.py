@@ -144,9 +144,7 @@ def choose_adapter(
         unet = unet.to(torch_device)
         if criterion == "stats" and source_reference is not None:
             # one metric for every candidate: the source model's head-to-head spreads
-            reference = (
-                reference.with_spreads_of(source_reference) if reference else from_batchnorms(unet, source_reference)
-            )
+            reference = (reference or from_batchnorms(unet, source_reference)).with_spreads_of(source_reference)
             # 1 / (1 + d), not exp(-d): a scan far from every reference must not round every score to 0 (a tie)
             return 1.0 / (1.0 + reference.distance(feature_moments(unet, images)))
         if criterion == "stats":
