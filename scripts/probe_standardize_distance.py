@@ -1,0 +1,194 @@
+"""Can the distance from the model's scanner reference choose `--standardize auto`'s mask, where confidence cannot?
+
+Usage:
+    python scripts/probe_standardize_distance.py --heads heads -o out/sd/distances.json BENCH.json ...
+    python scripts/probe_standardize_distance.py --reuse out/sd/distances.json BENCH.json ...   # tables only
+
+``--standardize auto`` keeps one of three masks (the scan as it is, its head's
+intensity landmarks standardised, then its brain's too) by their mask
+confidence (``selection.iter_plain_and_standardized``). Confidence barely moves
+where the brain step gains most, so on sure base models the rule almost never
+keeps it (BENCHMARKS section 2). This probe asks whether a signal that is not
+the model's opinion of its own mask does better: the distance of the scan's
+encoder feature statistics from a :class:`ScannerReference` of the base model,
+learnt over the other heads through the source profile (seed 0), as
+``--adapter auto`` scores candidates. The standardisation that brings the
+scan's features nearest to what the model saw in training is kept.
+
+For each benchmark file given (one that ran ``source standardize
+standardize-brain``; its ``command`` names the model and the test head), every
+(profile, seed) scan is simulated again as the benchmark made it; the
+head-standardised segmentation gives the brain for the brain step, as in the
+benchmark; the 10 slices adaptation reads (picked on the plain stack, the same
+for all three) are encoded and their distance recorded. Offline, rules are
+read against the recorded surface Dice and confidences.
+
+Fixed before any distance was read (this docstring was committed first):
+
+- ``nearest``: the mask whose input is nearest the reference, no parameter;
+- ``nearest, not less sure``: the same, but the plain mask where the nearest is
+  less confident than the plain mask.
+
+Everything else printed (the rank correlations, the per-file counts) is
+description, not a rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from probe_pick_objective import recovered_share  # scripts/ is on the path when this runs as a script
+from scipy.stats import spearmanr
+
+from napari_convlora.adapt import select_slices
+from napari_convlora.benchmark import PROFILES
+from napari_convlora.geometry import plan
+from napari_convlora.inference import input_reference, segment
+from napari_convlora.model import BaseModel, load_model
+from napari_convlora.nifti import load_volume
+from napari_convlora.scanner_reference import ScannerReference, feature_moments, learn_reference
+from napari_convlora.simulate import SOURCE_PROFILE, simulate
+
+VARIANTS = ("source", "standardize", "standardize-brain")  # the benchmark's method names for the three masks
+SLICES = 10
+NOT_T1 = ("icbm2009c_t2",)
+
+
+def argument(command: str, flag: str) -> str:
+    words = shlex.split(command)
+    return words[words.index(flag) + 1]
+
+
+def slices_of(base: BaseModel, scan, indices: list[int] | None = None, standardize: bool = False, brain=None):
+    """The adaptation slices of ``scan`` as the model reads them, plain or standardised; and their indices."""
+    reference = input_reference(base, None, standardize)
+    geometry, scaled = plan(scan, base.intensity_scaling, reference, brain)
+    stack = geometry.to_model(scaled)
+    indices = select_slices(stack, SLICES) if indices is None else indices
+    return torch.from_numpy(stack[indices][:, None].copy()), indices
+
+
+def learn_source_reference(base: BaseModel, heads: Path, pool: list[str]) -> ScannerReference:
+    moments = []
+    for name in pool:
+        t1 = load_volume(heads / name / "t1.nii.gz")
+        scan, _ = simulate(t1, load_volume(heads / name / "mask_consensus.nii.gz"), SOURCE_PROFILE, seed=0)
+        images, _ = slices_of(base, scan)
+        moments.append(feature_moments(base.unet, images))
+    return learn_reference(moments, pool)
+
+
+def record(bench: Path, heads: Path) -> dict:
+    data = json.loads(bench.read_text())
+    command = data["command"]
+    base = load_model(Path(argument(command, "--model")))
+    head = Path(argument(command, "--t1")).parent.name
+    pool = sorted(p.name for p in heads.iterdir() if p.is_dir() and p.name not in (head, *NOT_T1))
+    reference = learn_source_reference(base, heads, pool)
+    t1 = load_volume(heads / head / "t1.nii.gz")
+    mask = load_volume(heads / head / "mask_consensus.nii.gz")
+    out = {}
+    for cell in data["cells"]:
+        if cell["method"] != "source":
+            continue
+        start = time.perf_counter()
+        profile, seed = cell["profile"], cell["seed"]
+        scan, _ = simulate(t1, mask, profile, seed=seed)
+        plain, indices = slices_of(base, scan)
+        head_std, _ = slices_of(base, scan, indices, standardize=True)
+        first = segment(base, scan, device="cpu", standardize=True)
+        brain_std, _ = slices_of(base, scan, indices, standardize=True, brain=first.mask)
+        out[f"{profile}|{seed}"] = {
+            variant: reference.distance(feature_moments(base.unet, images))
+            for variant, images in zip(VARIANTS, (plain, head_std, brain_std), strict=True)
+        }
+        print(f"{bench.stem} {profile} seed {seed}: {out[f'{profile}|{seed}']} ({time.perf_counter() - start:.1f} s)")
+    return {"head": head, "pool": pool, "scans": out}
+
+
+def nearest(cells: dict, distances: dict) -> dict:
+    return cells[min(VARIANTS, key=lambda v: distances[v])]
+
+
+def nearest_not_less_sure(cells: dict, distances: dict) -> dict:
+    kept = nearest(cells, distances)
+    return kept if kept["confidence"] >= cells["source"]["confidence"] else cells["source"]
+
+
+RULES = {
+    "nearest": nearest,
+    "nearest, not less sure": nearest_not_less_sure,
+    "brain, always": lambda cells, d: cells["standardize-brain"],
+    "head, always": lambda cells, d: cells["standardize"],
+}
+
+
+def report(benches: list[Path], recorded: dict) -> None:
+    from probe_standardize_rule import over_others  # the shipped rule, for comparison
+
+    from napari_convlora.selection import BRAIN_STEP_LEAD
+
+    rules = {**RULES, "`auto` now (confidence)": lambda c, d: over_others(BRAIN_STEP_LEAD)(*(c[v] for v in VARIANTS))}
+    print("\n| rule | " + " | ".join(b.stem for b in benches) + " | mean recovered | worst |")
+    print("|---" * (len(benches) + 3) + "|")
+    for name, rule in rules.items():
+        results = []
+        for bench in benches:
+            cells = {(c["profile"], c["seed"], c["method"]): c for c in json.loads(bench.read_text())["cells"]}
+            change: dict[str, list[float]] = {}
+            for key, distances in recorded[bench.stem]["scans"].items():
+                profile, seed = key.split("|")[0], int(key.split("|")[1])
+                if PROFILES[profile].stress:
+                    continue
+                three = {v: cells[profile, seed, v] for v in VARIANTS}
+                kept = rule(three, distances)
+                change.setdefault(profile, []).append(kept["surface_dice"] - three["source"]["surface_dice"])
+            results.append((recovered_share(cells, change), min(min(d) for d in change.values())))
+        shares = " | ".join(f"{100 * r:.0f}% / {w:+.3f}" for r, w in results)
+        print(f"| {name} | {shares} | {100 * np.mean([r for r, _ in results]):.0f}% | {min(w for _, w in results):+.3f} |")
+    print("\nwithin a scan, Spearman of -distance and of confidence with surface Dice (mean over scans); picks right")
+    print("| file | -distance | confidence | nearest is the best mask | surest is the best mask |")
+    print("|---|---|---|---|---|")
+    for bench in benches:
+        cells = {(c["profile"], c["seed"], c["method"]): c for c in json.loads(bench.read_text())["cells"]}
+        rho_d, rho_c, right_d, right_c, n = [], [], 0, 0, 0
+        for key, distances in recorded[bench.stem]["scans"].items():
+            profile, seed = key.split("|")[0], int(key.split("|")[1])
+            three = [cells[profile, seed, v] for v in VARIANTS]
+            dice = [c["surface_dice"] for c in three]
+            rho_d.append(spearmanr([-distances[v] for v in VARIANTS], dice)[0])
+            rho_c.append(spearmanr([c["confidence"] for c in three], dice)[0])
+            best = int(np.argmax(dice))
+            right_d += int(np.argmin([distances[v] for v in VARIANTS]) == best)
+            right_c += int(np.argmax([c["confidence"] for c in three]) == best)
+            n += 1
+        print(f"| {bench.stem} | {np.nanmean(rho_d):+.2f} | {np.nanmean(rho_c):+.2f} | {right_d}/{n} | {right_c}/{n} |")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("benches", nargs="+", type=Path)
+    parser.add_argument("--heads", type=Path, default=Path("heads"))
+    parser.add_argument("-o", "--output", type=Path)
+    parser.add_argument("--reuse", type=Path, help="distances recorded by an earlier run")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    recorded = json.loads(args.reuse.read_text()) if args.reuse else {}
+    for bench in args.benches:
+        if bench.stem not in recorded:
+            recorded[bench.stem] = record(bench, args.heads)
+            if args.output:
+                args.output.parent.mkdir(parents=True, exist_ok=True)
+                args.output.write_text(json.dumps(recorded, indent=1))
+    report(args.benches, recorded)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
