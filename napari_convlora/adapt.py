@@ -48,7 +48,7 @@ from .adapters import (
 )
 from .device import pick_device
 from .errors import InputError
-from .geometry import SliceGeometry, plan
+from .geometry import SliceGeometry, plan, select_slices
 from .inference import Segmentation, input_reference
 from .metrics import surface_dice
 from .model import BaseModel, UNet2D
@@ -199,16 +199,6 @@ class AdaptCancelled:
 
 
 Report = StepReport | EpochReport | GateProgress | AdaptDone | AdaptCancelled
-
-
-def select_slices(stack: np.ndarray, n: int) -> list[int]:
-    """``n`` slices spread evenly over the head, skipping slices with little or no head in them."""
-    content = (stack > 0.1).mean(axis=(1, 2))
-    candidates = np.flatnonzero(content >= 0.25 * content.max())
-    if len(candidates) <= n:
-        return [int(i) for i in candidates]
-    positions = (np.arange(n) + 0.5) / n * len(candidates)
-    return [int(candidates[int(p)]) for p in positions]
 
 
 def slices_for(stack: np.ndarray, config: AdaptConfig) -> list[int]:

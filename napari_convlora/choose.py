@@ -2,7 +2,7 @@
 
 Two label-free criteria rank the source model and every library adapter made
 for this base model, on the same handful of slices of the scan that adaptation
-would read (:func:`napari_convlora.adapt.select_slices`):
+would read (:func:`napari_convlora.geometry.select_slices`):
 
 - ``stats`` (the default): how well the scan's encoder feature statistics match
   the candidate's scanner. The scan is run through the candidate's encoder and
@@ -41,11 +41,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapt import agreement, select_slices
+from .adapt import agreement
 from .adapters import Adapter, apply_adapter, load_adapter
 from .device import pick_device
 from .errors import InputError
-from .geometry import plan
+from .geometry import plan, select_slices
 from .inference import Segmentation, SegmentProgress, iter_segment
 from .library import ADAPTER_SUFFIX
 from .model import BaseModel, UNet2D

@@ -286,3 +286,13 @@ def _pad_to_multiple(lo: int, hi: int, multiple: int) -> tuple[int, int]:
     extra = (-size) % multiple
     lo -= extra // 2
     return lo, lo + size + extra
+
+
+def select_slices(stack: np.ndarray, n: int) -> list[int]:
+    """``n`` slices spread evenly over the head, skipping slices with little or no head in them."""
+    content = (stack > 0.1).mean(axis=(1, 2))
+    candidates = np.flatnonzero(content >= 0.25 * content.max())
+    if len(candidates) <= n:
+        return [int(i) for i in candidates]
+    positions = (np.arange(n) + 0.5) / n * len(candidates)
+    return [int(candidates[int(p)]) for p in positions]

@@ -24,6 +24,7 @@ not see a mask that is stably wrong.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Generator
 from typing import NamedTuple
@@ -33,9 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from .adapters import Adapter
+from .device import pick_device
+from .geometry import plan, select_slices
 from .inference import Segmentation, SegmentProgress, input_reference, iter_segment
 from .model import BaseModel, UNet2D
 from .nifti import Volume
+from .scanner_reference import ScannerReference, feature_moments, reference_from_metadata
 
 GATE_MARGIN = 0.005  # consistency gate: fixed before the benchmark ran; BENCHMARKS.md section 2 reports what it gives
 GATES = {
@@ -117,11 +121,20 @@ SURE_SOURCE_CONFIDENCE = 0.72
 SURE_SOURCE_MARGIN = 0.015
 
 
-# --standardize auto keeps the brain-standardised mask only if it is this much more confident than the surer of the
-# plain and head-standardised masks: the smallest lead that left no benchmark cell more than 0.01 below the source
-# model on seven files (scripts/probe_standardize_rule.py, BENCHMARKS.md section 2). Two earlier rules that kept it
-# when about as sure as the others lost 0.030 and 0.027 on a file they had not been fitted on.
+# --standardize auto with a model that carries no scanner reference keeps the brain-standardised mask only if it is
+# this much more confident than the surer of the plain and head-standardised masks: the smallest lead that left no
+# benchmark cell more than 0.01 below the source model on seven files (scripts/probe_standardize_rule.py,
+# BENCHMARKS.md section 2). Two earlier rules that kept it when about as sure as the others lost 0.030 and 0.027 on a
+# file they had not been fitted on.
 BRAIN_STEP_LEAD = 0.003
+# With a scanner reference, --standardize auto keeps the brain-standardised mask if its input's encoder features lie
+# nearest the training heads' and nearer than the scan's as it is by this much (ScannerReference.distance), and its
+# mask is no less confident than the plain one. Chosen on eleven benchmark files (BENCHMARKS.md section 2,
+# scripts/probe_standardize_distance.py): 0.3 to 0.5 all kept every scan within 0.001 of the source model; 0.4, not
+# the edge (on a weak base the brain step brought an in-domain scan 0.25 to 0.28 nearer and lost 0.027), fixed
+# before two new files were read.
+DISTANCE_LEAD = 0.4
+DISTANCE_SLICES = 10  # the slices whose encoder features are measured: as many as the scanner references were learnt on
 
 
 def confidence_margin(source_confidence: float, margin: float = GATE_MARGINS["confidence"]) -> float:
@@ -188,18 +201,32 @@ def iter_plain_and_standardized(
     """The scan segmented as it is and standardised (:mod:`napari_convlora.standardize`); keep one of them.
 
     Standardised twice if the model has brain landmarks: the head's, then the
-    head's and, under that run's mask, the brain's. The brain-standardised mask
-    is kept if its :func:`mask_confidence` beats the surer of the other two by
-    :data:`BRAIN_STEP_LEAD`: the step can gain much (up to 0.17 surface Dice on
-    the simulated 3 T scanners) but, where the first mask strays, it can also
-    lose with about the others' confidence, so a tie is not enough. Else the
-    head-standardised mask if it passes the confidence gate
-    (:func:`accepted_by_confidence`, the gate of adaptation applied to the
-    input); else the plain one. ``plain``: the scan's segmentation as it is (same
-    model, adapter, device and options), if the caller has it; then it is not
-    made again. None if stopped.
+    head's and, under that run's mask, the brain's. Which mask is kept:
+
+    - the brain-standardised mask, if the model carries a scanner reference
+      (:mod:`napari_convlora.scanner_reference`), no adapter is used, the brain
+      step's input is the nearest of the three to the training heads' features
+      and nearer than the scan as it is by :data:`DISTANCE_LEAD`
+      (:func:`input_distances`), and its mask is no less confident than the
+      plain one. The brain step gains most where the model's confidence barely
+      moves (the simulated 3 T scanners), so confidence alone almost never chose
+      it on sure models; how near the input comes to what the model was trained
+      on does not ask the model to judge its own mask (BENCHMARKS.md section 2).
+      Without a reference (or with an adapter): if its :func:`mask_confidence`
+      beats the surer of the other two by :data:`BRAIN_STEP_LEAD`;
+    - else the head-standardised mask if it passes the confidence gate
+      (:func:`accepted_by_confidence`, the gate of adaptation applied to the
+      input);
+    - else the plain one.
+
+    ``plain``: the scan's segmentation as it is (same model, adapter, device and
+    options), if the caller has it; then it is not made again. None if stopped.
     """
     brain_step = input_reference(base, adapter, True).brain is not None
+    # read before any work: a broken reference is the user's error, named with the file
+    reference = None
+    if adapter is None:
+        reference = reference_from_metadata(base.path or "the model", base.metadata, base.unet)
     runs: list[_Run] = [{"adapter": adapter, "standardize": False}] if plain is None else []
     runs.append({"adapter": adapter, "standardize": True})
     if brain_step:  # the brain is where the head-standardised run found it
@@ -209,17 +236,45 @@ def iter_plain_and_standardized(
         return None
     plain = plain if plain is not None else results[0]
     standardized, brain = (results[-2], results[-1]) if brain_step else (results[-1], None)
-    as_it_is = mask_confidence(plain.probability, plain.mask)
-    head = mask_confidence(standardized.probability, standardized.mask)
-    verdict = f"mask confidence {as_it_is:.4f} as it is, {head:.4f} head standardised"
-    if brain is not None:
-        sure = mask_confidence(brain.probability, brain.mask)
-        verdict += f", {sure:.4f} brain standardised"
-        if sure >= max(as_it_is, head) + BRAIN_STEP_LEAD:
-            return IntensityChoice(brain, plain, standardized, f"intensities standardised, brain ({verdict})", brain)
-    if accepted_by_confidence(head, as_it_is):
-        return IntensityChoice(standardized, plain, standardized, f"intensities standardised, head ({verdict})", brain)
-    return IntensityChoice(plain, plain, standardized, f"intensities kept as they are ({verdict})", brain)
+    masks = [("as it is", plain), ("head standardised", standardized)] + ([("brain standardised", brain)] * brain_step)
+    sure = [mask_confidence(m.probability, m.mask) for _, m in masks]
+    verdict = "mask confidence " + ", ".join(f"{c:.4f} {name}" for c, (name, _) in zip(sure, masks, strict=True))
+    brain_kept = False
+    if brain is not None and reference is not None:
+        far = input_distances(base, volume, reference, standardized.mask, device)
+        verdict += "; feature distance from the training heads " + ", ".join(
+            f"{d:.2f} {name}" for d, (name, _) in zip(far, masks, strict=True)
+        )
+        brain_kept = far[2] <= min(far[1], far[0] - DISTANCE_LEAD) and sure[2] >= sure[0]
+    elif brain is not None:
+        brain_kept = sure[2] >= max(sure[:2]) + BRAIN_STEP_LEAD
+    kept = 2 if brain_kept else 1 if accepted_by_confidence(sure[1], sure[0]) else 0
+    note = "intensities kept as they are" if kept == 0 else f"intensities standardised, {('head', 'brain')[kept - 1]}"
+    return IntensityChoice(masks[kept][1], plain, standardized, f"{note} ({verdict})", brain)
+
+
+def input_distances(
+    base: BaseModel, volume: Volume, reference: ScannerReference, brain: np.ndarray, device: str = "auto"
+) -> list[float]:
+    """How far the scan's encoder features lie from ``reference``: as it is, head-standardised, brain too.
+
+    The distance (:meth:`ScannerReference.distance`) of the source model's
+    encoder features on :data:`DISTANCE_SLICES` slices of the scan, the same
+    slices for every input (picked on the plain stack). ``brain``: the
+    head-standardised run's mask on the scan's grid, where the brain step
+    reads the brain's landmarks.
+    """
+    torch_device = pick_device(device)
+    unet = copy.deepcopy(base.unet).to(torch_device)
+    landmarks = input_reference(base, None, True)
+    distances, indices = [], None
+    for intensity, mask in ((None, None), (landmarks, None), (landmarks, brain)):
+        geometry, scaled = plan(volume, base.intensity_scaling, intensity, mask)
+        stack = geometry.to_model(scaled)
+        indices = select_slices(stack, DISTANCE_SLICES) if indices is None else indices
+        images = torch.from_numpy(stack[indices][:, None].copy()).to(torch_device)
+        distances.append(reference.distance(feature_moments(unet, images)))
+    return distances
 
 
 # One run of iter_segment: its keyword arguments, or a function of the runs made before it that gives them.

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import torch
 
-from napari_convlora.adapt import select_slices
 from napari_convlora.adapters import apply_adapter, load_adapter, save_adapter
 from napari_convlora.errors import InputError
-from napari_convlora.geometry import plan
+from napari_convlora.geometry import plan, select_slices
 from napari_convlora.model import load_model, save_model
 from napari_convlora.nifti import load_volume
 from napari_convlora.scanner_reference import METADATA_KEY, feature_moments, learn_reference

@@ -30,9 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_convlora.adapt import select_slices
 from napari_convlora.adapters import apply_adapter, load_adapter
-from napari_convlora.geometry import plan
+from napari_convlora.geometry import plan, select_slices
 from napari_convlora.library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, SOURCE_MODEL
 from napari_convlora.model import load_model
 from napari_convlora.nifti import load_volume

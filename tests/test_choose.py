@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from napari_convlora import choose
-from napari_convlora.adapt import AdaptConfig, agreement, reestimate_bn, run_adaptation, select_slices
+from napari_convlora.adapt import AdaptConfig, agreement, reestimate_bn, run_adaptation
 from napari_convlora.adapters import apply_adapter, save_adapter
 from napari_convlora.choose import SOURCE, choose_adapter, statistics_fit
 from napari_convlora.errors import InputError
-from napari_convlora.geometry import plan
+from napari_convlora.geometry import plan, select_slices
 from napari_convlora.selection import GATE_MARGIN, consistency
 
 from .conftest import drive, make_model

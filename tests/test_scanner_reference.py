@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from napari_convlora.adapt import AdaptConfig, run_adaptation, select_slices
+from napari_convlora.adapt import AdaptConfig, run_adaptation
 from napari_convlora.adapters import apply_adapter, load_adapter, save_adapter
 from napari_convlora.choose import SOURCE, choose_adapter
 from napari_convlora.errors import InputError
-from napari_convlora.geometry import plan
+from napari_convlora.geometry import plan, select_slices
 from napari_convlora.model import load_model, save_model
 from napari_convlora.scanner_reference import (
     METADATA_KEY,

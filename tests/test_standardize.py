@@ -276,6 +276,91 @@ def test_which_mask_auto_keeps_for_given_confidences(monkeypatch, model_file, sm
     assert choice.note.startswith("intensities kept" if kept == "plain" else f"intensities standardised, {kept}")
 
 
+def _with_scanner_reference(model_file, tmp_path, volume):
+    """The tiny model with a scanner reference learnt from ``volume`` as it is (two slice sets as two "heads")."""
+    import torch
+
+    from napari_convlora.geometry import select_slices
+    from napari_convlora.scanner_reference import METADATA_KEY as REFERENCE_KEY
+    from napari_convlora.scanner_reference import feature_moments, learn_reference
+
+    model = load_model(model_file)
+    geometry, scaled = plan(volume, model.intensity_scaling)
+    stack = geometry.to_model(scaled)
+    sets = [torch.from_numpy(stack[select_slices(stack, n)][:, None].copy()) for n in (10, 12)]
+    moments = [feature_moments(model.unet, images) for images in sets]
+    model.metadata[REFERENCE_KEY] = learn_reference(moments, ["ten", "twelve"]).as_metadata()
+    save_model(model, tmp_path / "referenced.safetensors")
+    return load_model(tmp_path / "referenced.safetensors")
+
+
+def test_input_distances_find_the_scan_as_it_is_nearest_a_reference_learnt_from_it(tmp_path, model_file, small_volume):
+    from napari_convlora.scanner_reference import reference_from_metadata
+    from napari_convlora.selection import input_distances
+
+    base = _with_scanner_reference(model_file, tmp_path, small_volume)
+    reference = reference_from_metadata("test", base.metadata, base.unet)
+    head = segment(base, small_volume, device="cpu", standardize=True)
+    plain, head_step, brain_step = input_distances(base, small_volume, reference, head.mask, device="cpu")
+    assert plain < min(head_step, brain_step)  # standardising moves this scan away from itself
+
+
+@pytest.mark.parametrize(
+    ("far", "sure", "kept"),
+    [
+        ((3.0, 2.0, 1.0), (0.70, 0.70, 0.71), "brain"),  # nearest, by more than the lead, and surer than the plain mask
+        ((3.0, 2.0, 1.0), (0.70, 0.72, 0.70), "brain"),  # as sure as the plain mask is enough
+        ((3.0, 2.0, 1.0), (0.70, 0.70, 0.69), "plain"),  # less sure than the plain mask; the head step fails the gate
+        ((3.0, 2.0, 1.0), (0.60, 0.65, 0.59), "head"),  # less sure; the head step passes the gate (unsure source)
+        ((1.2, 2.0, 0.9), (0.60, 0.61, 0.70), "head"),  # nearest but within the lead of the scan as it is
+        ((3.0, 1.0, 2.0), (0.60, 0.61, 0.75), "head"),  # the head step nearer: the surest is not kept by confidence
+        ((1.0, 2.0, 3.0), (0.74, 0.74, 0.76), "plain"),  # the scan as it is nearest; the head step fails the gate
+    ],
+)
+def test_with_a_scanner_reference_auto_keeps_the_brain_step_by_distance(
+    monkeypatch, tmp_path, model_file, small_volume, far, sure, kept
+):
+    from napari_convlora import selection
+
+    assert selection.DISTANCE_LEAD == 0.4  # the cases above straddle it
+    base = _with_scanner_reference(model_file, tmp_path, small_volume)
+    values = iter(sure)
+    monkeypatch.setattr(selection, "mask_confidence", lambda probability, mask: next(values))
+    monkeypatch.setattr(selection, "input_distances", lambda *args, **kwargs: list(far))
+    _, choice = drive(selection.iter_plain_and_standardized(base, small_volume, device="cpu"))
+    assert choice.kept is {"plain": choice.plain, "head": choice.standardized, "brain": choice.brain}[kept]
+    assert choice.note.startswith("intensities kept" if kept == "plain" else f"intensities standardised, {kept}")
+    assert f"feature distance from the training heads {far[0]:.2f} as it is" in choice.note
+
+
+def test_with_an_adapter_auto_keeps_the_confidence_rule(monkeypatch, tmp_path, model_file, small_volume):
+    from napari_convlora import selection
+    from napari_convlora.adapters import extract_adapter, inject_adapters, new_metadata
+
+    base = _with_scanner_reference(model_file, tmp_path, small_volume)
+    unet = base.copy().unet
+    inject_adapters(unet, "convlora")
+    adapter = extract_adapter(unet, new_metadata(base, "a", rank=2, alpha=2.0))
+    values = iter((0.70, 0.70, 0.75))  # the brain step surer by more than the lead: kept by confidence
+    monkeypatch.setattr(selection, "mask_confidence", lambda probability, mask: next(values))
+    monkeypatch.setattr(selection, "input_distances", lambda *args, **kwargs: pytest.fail("distances measured"))
+    _, choice = drive(selection.iter_plain_and_standardized(base, small_volume, adapter, device="cpu"))
+    assert choice.kept is choice.brain and "feature distance" not in choice.note
+
+
+def test_a_broken_scanner_reference_is_refused_before_any_segmentation(tmp_path, model_file, small_volume):
+    from napari_convlora.scanner_reference import METADATA_KEY as REFERENCE_KEY
+    from napari_convlora.selection import iter_plain_and_standardized
+
+    model = load_model(model_file)
+    model.metadata[REFERENCE_KEY] = {"heads": ["a", "b"], "layers": []}
+    save_model(model, tmp_path / "broken.safetensors")
+    generator = iter_plain_and_standardized(load_model(tmp_path / "broken.safetensors"), small_volume, device="cpu")
+    with pytest.raises(InputError, match=r"broken\.safetensors") as caught:
+        next(generator)
+    assert "scanner_reference" in str(caught.value)
+
+
 def test_auto_with_a_model_of_before_tries_the_head_step_only(tmp_path, model_file, small_volume):
     from napari_convlora.selection import iter_plain_and_standardized
 
