@@ -295,6 +295,7 @@ def _with_scanner_reference(model_file, tmp_path, volume):
 
 
 def test_input_distances_find_the_scan_as_it_is_nearest_a_reference_learnt_from_it(tmp_path, model_file, small_volume):
+    from napari_convlora import selection
     from napari_convlora.scanner_reference import reference_from_metadata
     from napari_convlora.selection import input_distances
 
@@ -303,6 +304,11 @@ def test_input_distances_find_the_scan_as_it_is_nearest_a_reference_learnt_from_
     head = segment(base, small_volume, device="cpu", standardize=True)
     plain, head_step, brain_step = input_distances(base, small_volume, reference, head.mask, device="cpu")
     assert plain < min(head_step, brain_step)  # standardising moves this scan away from itself
+    # auto measures the same distances (the scan as it is nearest: the brain step is not kept by them)
+    _, choice = drive(selection.iter_plain_and_standardized(base, small_volume, device="cpu"))
+    assert np.array_equal(choice.standardized.mask, head.mask) and choice.kept is not choice.brain
+    distances = f"{plain:.2f} as it is, {head_step:.2f} head standardised, {brain_step:.2f} brain standardised"
+    assert f"feature distance from the training heads {distances})" in choice.note
 
 
 @pytest.mark.parametrize(
@@ -385,8 +391,9 @@ def test_cli_segment_standardize_auto(capsys, tmp_path, small_path, model_file):
     assert code == 2 and "--standardize auto and --adapter auto" in capsys.readouterr().err
 
 
-def test_the_cli_help_states_the_lead_auto_keeps_the_brain_step_by():
+def test_the_cli_help_states_the_leads_auto_keeps_the_brain_step_by():
     from napari_convlora.cli import STANDARDIZE_HELP
-    from napari_convlora.selection import BRAIN_STEP_LEAD
+    from napari_convlora.selection import BRAIN_STEP_LEAD, DISTANCE_LEAD
 
     assert f"by {BRAIN_STEP_LEAD}," in " ".join(STANDARDIZE_HELP.split())
+    assert f"by {DISTANCE_LEAD} (the model's scanner reference)" in " ".join(STANDARDIZE_HELP.split())
