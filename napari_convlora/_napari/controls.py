@@ -88,14 +88,15 @@ class Controls(QWidget):
         for value, text in (
             ("off", "off"),
             ("on", "on"),
-            ("auto", "auto: keep the surest mask (~3x time)"),
+            ("auto", "auto: keep one of three masks (~3x time)"),
         ):
             self.standardize_combo.addItem(text, value)
         self.standardize_combo.setToolTip(
             "Map this scan's intensity histogram onto the one the model was trained on before it reads it "
             "(no training). Helps on scanners with another contrast, loses on some scans; auto segments as it "
-            "is, standardised, and standardised on the brain too, and keeps a standardised mask only if the "
-            "model is surer of it (the confidence gate). With 'on', Adapt adapts "
+            "is, standardised, and standardised on the brain too, and keeps the brain-standardised mask where "
+            "that input comes nearest the training heads' features and the model is no less sure of it, else "
+            "the standardised one only if the model is surer of it (the confidence gate). With 'on', Adapt adapts "
             "on standardised slices and its adapter standardises every scan it reads."
         )
         self.segment_button = QPushButton("Segment")
