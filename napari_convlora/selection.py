@@ -236,7 +236,9 @@ def iter_plain_and_standardized(
         return None
     plain = plain if plain is not None else results[0]
     standardized, brain = (results[-2], results[-1]) if brain_step else (results[-1], None)
-    masks = [("as it is", plain), ("head standardised", standardized)] + ([("brain standardised", brain)] * brain_step)
+    masks = [("as it is", plain), ("head standardised", standardized)]
+    if brain is not None:
+        masks.append(("brain standardised", brain))
     sure = [mask_confidence(m.probability, m.mask) for _, m in masks]
     verdict = "mask confidence " + ", ".join(f"{c:.4f} {name}" for c, (name, _) in zip(sure, masks, strict=True))
     brain_kept = brain is not None and sure[2] >= max(sure[:2]) + BRAIN_STEP_LEAD

@@ -72,15 +72,20 @@ from scipy.stats import spearmanr
 
 from napari_convlora.benchmark import PROFILES
 from napari_convlora.geometry import plan, select_slices
-from napari_convlora.inference import input_reference, segment
+from napari_convlora.inference import segment
 from napari_convlora.model import BaseModel, load_model
 from napari_convlora.nifti import load_volume
 from napari_convlora.scanner_reference import ScannerReference, feature_moments, learn_reference
-from napari_convlora.selection import BRAIN_STEP_LEAD, DISTANCE_LEAD, accepted_by_confidence
+from napari_convlora.selection import (
+    BRAIN_STEP_LEAD,
+    DISTANCE_LEAD,
+    DISTANCE_SLICES,
+    accepted_by_confidence,
+    input_distances,
+)
 from napari_convlora.simulate import SOURCE_PROFILE, simulate
 
 VARIANTS = ("source", "standardize", "standardize-brain")  # the benchmark's method names for the three masks
-SLICES = 10
 NOT_T1 = ("icbm2009c_t2",)
 
 
@@ -89,21 +94,15 @@ def argument(command: str, flag: str) -> str:
     return words[words.index(flag) + 1]
 
 
-def slices_of(base: BaseModel, scan, indices: list[int] | None = None, standardize: bool = False, brain=None):
-    """The adaptation slices of ``scan`` as the model reads them, plain or standardised; and their indices."""
-    reference = input_reference(base, None, standardize)
-    geometry, scaled = plan(scan, base.intensity_scaling, reference, brain)
-    stack = geometry.to_model(scaled)
-    indices = select_slices(stack, SLICES) if indices is None else indices
-    return torch.from_numpy(stack[indices][:, None].copy()), indices
-
-
 def learn_source_reference(base: BaseModel, heads: Path, pool: list[str]) -> ScannerReference:
+    """As ``scripts/add_scanner_reference.py`` learns the shipped model's: the pool heads through the source profile."""
     moments = []
     for name in pool:
         t1 = load_volume(heads / name / "t1.nii.gz")
         scan, _ = simulate(t1, load_volume(heads / name / "mask_consensus.nii.gz"), SOURCE_PROFILE, seed=0)
-        images, _ = slices_of(base, scan)
+        geometry, scaled = plan(scan, base.intensity_scaling)
+        stack = geometry.to_model(scaled)
+        images = torch.from_numpy(stack[select_slices(stack, DISTANCE_SLICES)][:, None].copy())
         moments.append(feature_moments(base.unet, images))
     return learn_reference(moments, pool)
 
@@ -124,14 +123,9 @@ def record(bench: Path, heads: Path) -> dict:
         start = time.perf_counter()
         profile, seed = cell["profile"], cell["seed"]
         scan, _ = simulate(t1, mask, profile, seed=seed)
-        plain, indices = slices_of(base, scan)
-        head_std, _ = slices_of(base, scan, indices, standardize=True)
-        first = segment(base, scan, device="cpu", standardize=True)
-        brain_std, _ = slices_of(base, scan, indices, standardize=True, brain=first.mask)
-        out[f"{profile}|{seed}"] = {
-            variant: reference.distance(feature_moments(base.unet, images))
-            for variant, images in zip(VARIANTS, (plain, head_std, brain_std), strict=True)
-        }
+        first = segment(base, scan, device="cpu", standardize=True)  # where the brain step reads the brain
+        distances = input_distances(base, scan, reference, first.mask, device="cpu")
+        out[f"{profile}|{seed}"] = dict(zip(VARIANTS, distances, strict=True))
         print(f"{bench.stem} {profile} seed {seed}: {out[f'{profile}|{seed}']} ({time.perf_counter() - start:.1f} s)")
     return {"head": head, "pool": pool, "scans": out}
 
