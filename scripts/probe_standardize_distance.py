@@ -53,6 +53,14 @@ constants and no new number, fixed before two more files were made:
   so far: 62% recovered, worst -0.001. ``--standardize auto`` keeps this rule
   with a scanner reference since it passed its check (BENCHMARKS section 2).
 
+Read after all fifteen files: with the shipped model on Colin27
+(``probe_standardize_shipped.py``) the distance rule missed a +0.095 brain
+step on Philips 3 T that was 0.0017 less confident than the plain mask. The
+rows "up to T less sure (candidate)" let the distance rule accept that; T =
+0.002 is the one to check, fixed before the leave-one-out GPU bases of
+ds000031 and pycortex S1 (``benchmarks/loho_gpu_wo_*``, brain landmarks
+added) were benchmarked as the next check files.
+
 Everything else printed (the rank correlations, the per-file counts) is
 description, not a rule.
 """
