@@ -901,10 +901,11 @@ STANDARDIZE_HELP = (
     "map the scan's intensity histogram (nine percentiles of the head) onto the model's training heads' before "
     "the network reads it: no training, helps on scanners with another contrast (BENCHMARKS.md section 2); "
     "auto: segment as it is, standardised, and standardised on the brain too (its 10th and 90th percentiles, "
-    "under the standardised mask); keep the brain-standardised mask if its confidence beats both others' by 0.003, "
-    "or if its input's encoder features are the nearest to the training heads' and nearer than the scan's by 0.4 "
-    "(the model's scanner reference; not with an adapter) and its mask is no less confident than the plain one; "
-    "else the head-standardised one if the confidence gate lets it, else the plain one (three times the time)"
+    "under the standardised mask); keep the brain-standardised mask if its input's encoder features are the "
+    "nearest to the training heads' and nearer than the scan's by 0.4 (the model's scanner reference), its mask no "
+    "less confident than the plain one (without a reference or with an adapter: if its confidence beats both "
+    "others' by 0.003, as before); else the head-standardised one if the confidence gate lets it, else the plain "
+    "one (three times the time)"
 )
 COMMANDS = {
     "segment": cmd_segment,

@@ -121,17 +121,19 @@ SURE_SOURCE_CONFIDENCE = 0.72
 SURE_SOURCE_MARGIN = 0.015
 
 
-# --standardize auto keeps the brain-standardised mask if it is this much more confident than the surer of the plain
-# and head-standardised masks: the smallest lead that left no benchmark cell more than 0.01 below the source model on
-# seven files (scripts/probe_standardize_rule.py, BENCHMARKS.md section 2). Two earlier rules that kept it when about
-# as sure as the others lost 0.030 and 0.027 on a file they had not been fitted on.
+# --standardize auto with a model that carries no scanner reference keeps the brain-standardised mask only if it is
+# this much more confident than the surer of the plain and head-standardised masks: the smallest lead that left no
+# benchmark cell more than 0.01 below the source model on seven files (scripts/probe_standardize_rule.py,
+# BENCHMARKS.md section 2). Two earlier rules that kept it when about as sure as the others lost 0.030 and 0.027 on a
+# file they had not been fitted on.
 BRAIN_STEP_LEAD = 0.003
-# With a scanner reference it also keeps it if its input's encoder features lie nearest the training heads' and nearer
-# than the scan's as it is by this much (ScannerReference.distance), and its mask is no less confident than the plain
-# one. Chosen on eleven benchmark files (BENCHMARKS.md section 2, scripts/probe_standardize_distance.py): 0.3 to 0.5
-# all kept every scan within 0.001 of the source model; 0.4, not the edge (on a weak base the brain step brought an
-# in-domain scan 0.25 to 0.28 nearer and lost 0.027). Either rule, with these two numbers, was fixed before the last
-# two of fifteen files were made.
+# With a scanner reference, --standardize auto keeps the brain-standardised mask if its input's encoder features lie
+# nearest the training heads' and nearer than the scan's as it is by this much (ScannerReference.distance), and its
+# mask is no less confident than the plain one. Chosen on eleven benchmark files (BENCHMARKS.md section 2,
+# scripts/probe_standardize_distance.py): 0.3 to 0.5 all kept every scan within 0.001 of the source model; 0.4, not
+# the edge (on a weak base the brain step brought an in-domain scan 0.25 to 0.28 nearer and lost 0.027), fixed
+# before six new files were read: every scan of them within 0.001 of the source model. Keeping the brain step by
+# confidence too (BRAIN_STEP_LEAD) recovered more on four of them but lost 0.121 on the fifth.
 DISTANCE_LEAD = 0.4
 DISTANCE_SLICES = 10  # the slices whose encoder features are measured: as many as the scanner references were learnt on
 
@@ -202,18 +204,17 @@ def iter_plain_and_standardized(
     Standardised twice if the model has brain landmarks: the head's, then the
     head's and, under that run's mask, the brain's. Which mask is kept:
 
-    - the brain-standardised mask, if its :func:`mask_confidence` beats the
-      surer of the other two by :data:`BRAIN_STEP_LEAD`; or if the model
-      carries a scanner reference (:mod:`napari_convlora.scanner_reference`),
-      no adapter is used, the brain step's input is the nearest of the three to
-      the training heads' features and nearer than the scan as it is by
-      :data:`DISTANCE_LEAD` (:func:`input_distances`), and its mask is no less
-      confident than the plain one. The brain step gains most where the
-      model's confidence barely moves (the simulated 3 T scanners), so
-      confidence alone almost never chose it on sure models; how near the
-      input comes to what the model was trained on does not ask the model to
-      judge its own mask, but it missed gains that confidence saw on weaker
-      models (BENCHMARKS.md section 2);
+    - the brain-standardised mask, if the model carries a scanner reference
+      (:mod:`napari_convlora.scanner_reference`), no adapter is used, the brain
+      step's input is the nearest of the three to the training heads' features
+      and nearer than the scan as it is by :data:`DISTANCE_LEAD`
+      (:func:`input_distances`), and its mask is no less confident than the
+      plain one. The brain step gains most where the model's confidence barely
+      moves (the simulated 3 T scanners), so confidence alone almost never chose
+      it on sure models; how near the input comes to what the model was trained
+      on does not ask the model to judge its own mask (BENCHMARKS.md section 2).
+      Without a reference (or with an adapter): if its :func:`mask_confidence`
+      beats the surer of the other two by :data:`BRAIN_STEP_LEAD`;
     - else the head-standardised mask if it passes the confidence gate
       (:func:`accepted_by_confidence`, the gate of adaptation applied to the
       input);
@@ -241,13 +242,15 @@ def iter_plain_and_standardized(
         masks.append(("brain standardised", brain))
     sure = [mask_confidence(m.probability, m.mask) for _, m in masks]
     verdict = "mask confidence " + ", ".join(f"{c:.4f} {name}" for c, (name, _) in zip(sure, masks, strict=True))
-    brain_kept = brain is not None and sure[2] >= max(sure[:2]) + BRAIN_STEP_LEAD
+    brain_kept = False
     if brain is not None and reference is not None:
         far = input_distances(base, volume, reference, standardized.mask, device)
         verdict += "; feature distance from the training heads " + ", ".join(
             f"{d:.2f} {name}" for d, (name, _) in zip(far, masks, strict=True)
         )
-        brain_kept = brain_kept or (far[2] <= min(far[1], far[0] - DISTANCE_LEAD) and sure[2] >= sure[0])
+        brain_kept = far[2] <= min(far[1], far[0] - DISTANCE_LEAD) and sure[2] >= sure[0]
+    elif brain is not None:
+        brain_kept = sure[2] >= max(sure[:2]) + BRAIN_STEP_LEAD
     kept = 2 if brain_kept else 1 if accepted_by_confidence(sure[1], sure[0]) else 0
     note = "intensities kept as they are" if kept == 0 else f"intensities standardised, {('head', 'brain')[kept - 1]}"
     return IntensityChoice(masks[kept][1], plain, standardized, f"{note} ({verdict})", brain)

@@ -50,8 +50,9 @@ constants and no new number, fixed before two more files were made:
   either rule keeps it (the distance rule above, or confidence at least
   ``BRAIN_STEP_LEAD`` above the surer of the other two); else the head step if
   the confidence gate lets it; else the plain mask. On the thirteen files read
-  so far: 62% recovered, worst -0.001. ``--standardize auto`` keeps this rule
-  with a scanner reference since it passed its check (BENCHMARKS section 2).
+  so far: 62% recovered, worst -0.001. It passed its check (65%, +0.000) and
+  failed the next (-0.121 on the GPU base of pycortex S1, through the
+  confidence lead), so ``--standardize auto`` keeps the distance rule alone.
 
 Read after all fifteen files: with the shipped model on Colin27
 (``probe_standardize_shipped.py``) the distance rule missed a +0.095 brain
@@ -184,7 +185,7 @@ RULES = {
 def report(title: str, benches: list[Path], recorded: dict) -> None:
     from probe_standardize_rule import over_others  # the rule without a scanner reference, for comparison
 
-    rules = {  # `--standardize auto` keeps the union with a scanner reference (RULES' last), this without
+    rules = {  # `--standardize auto` keeps "brain nearest by 0.4" with a scanner reference, this without
         **RULES,
         "`auto` without a reference (confidence)": lambda c, d: over_others(BRAIN_STEP_LEAD)(*(c[v] for v in VARIANTS)),
     }

@@ -95,9 +95,8 @@ class Controls(QWidget):
             "Map this scan's intensity histogram onto the one the model was trained on before it reads it "
             "(no training). Helps on scanners with another contrast, loses on some scans; auto segments as it "
             "is, standardised, and standardised on the brain too, and keeps the brain-standardised mask where "
-            "the model is clearly surer of it, or where that input comes nearest the training heads' features and "
-            "the model is no less sure of it; else the standardised one only if the model is surer of it (the "
-            "confidence gate). With 'on', Adapt adapts "
+            "that input comes nearest the training heads' features and the model is no less sure of it, else "
+            "the standardised one only if the model is surer of it (the confidence gate). With 'on', Adapt adapts "
             "on standardised slices and its adapter standardises every scan it reads."
         )
         self.segment_button = QPushButton("Segment")
