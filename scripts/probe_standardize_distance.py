@@ -76,11 +76,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from probe_pick_objective import recovered_share  # scripts/ is on the path when this runs as a script
+from add_scanner_reference import pool_slices  # scripts/ is on the path when this runs as a script
+from probe_pick_objective import recovered_share
 from scipy.stats import spearmanr
 
 from napari_convlora.benchmark import PROFILES
-from napari_convlora.geometry import plan, select_slices
 from napari_convlora.inference import segment
 from napari_convlora.model import BaseModel, load_model
 from napari_convlora.nifti import load_volume
@@ -88,7 +88,6 @@ from napari_convlora.scanner_reference import ScannerReference, feature_moments,
 from napari_convlora.selection import (
     BRAIN_STEP_LEAD,
     DISTANCE_LEAD,
-    DISTANCE_SLICES,
     accepted_by_confidence,
     input_distances,
 )
@@ -105,15 +104,8 @@ def argument(command: str, flag: str) -> str:
 
 def learn_source_reference(base: BaseModel, heads: Path, pool: list[str]) -> ScannerReference:
     """As ``scripts/add_scanner_reference.py`` learns the shipped model's: the pool heads through the source profile."""
-    moments = []
-    for name in pool:
-        t1 = load_volume(heads / name / "t1.nii.gz")
-        scan, _ = simulate(t1, load_volume(heads / name / "mask_consensus.nii.gz"), SOURCE_PROFILE, seed=0)
-        geometry, scaled = plan(scan, base.intensity_scaling)
-        stack = geometry.to_model(scaled)
-        images = torch.from_numpy(stack[select_slices(stack, DISTANCE_SLICES)][:, None].copy())
-        moments.append(feature_moments(base.unet, images))
-    return learn_reference(moments, pool)
+    stacks = pool_slices(heads, pool, SOURCE_PROFILE, base.intensity_scaling)
+    return learn_reference([feature_moments(base.unet, stack) for stack in stacks], pool)
 
 
 def record(bench: Path, heads: Path) -> dict:
