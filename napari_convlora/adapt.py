@@ -57,12 +57,15 @@ from .objectives import (
     OBJECTIVES,
     PRIOR_OBJECTIVES,
     PSEUDO_LABEL_OBJECTIVES,
+    REFERENCE_OBJECTIVES,
     STATISTICS_OBJECTIVES,
+    ReferenceDistance,
     SourceStatistics,
     multiview_probability,
     pseudo_label_loss,
     pseudo_labels,
 )
+from .scanner_reference import required_reference
 from .selection import (
     DEFAULT_GATE,
     GATE_MARGINS,
@@ -285,6 +288,9 @@ def adapt(
     prior = None
     if config.objective in PRIOR_OBJECTIVES:  # before any work: a model without a prior cannot do these
         prior = ShapePrior.of_model(base)
+    scanner = None
+    if config.objective in REFERENCE_OBJECTIVES:
+        scanner = required_reference(base, f"--objective {config.objective}")
     reference = input_reference(base, None, config.standardize)
     device = pick_device(config.device)
     geometry, scaled = plan(volume, base.intensity_scaling, reference)
@@ -308,6 +314,7 @@ def adapt(
     source_score = consistency(unet, images, config.batch_size)
     source_agreement = agreement(unet, head, images, geometry, config.batch_size)
     statistics = SourceStatistics(unet) if config.objective in STATISTICS_OBJECTIVES else None
+    distance = ReferenceDistance(unet, scanner, device) if scanner is not None else None
     if config.objective in PSEUDO_LABEL_OBJECTIVES:
         labels, weights = pseudo_labels(multiview_probability(unet, images, config.batch_size))
     if config.adabn:
@@ -333,6 +340,8 @@ def adapt(
                 with torch.no_grad():
                     target = torch.sigmoid(unet.decode(tuple(f.detach() for f in features)))
                 loss = F.binary_cross_entropy_with_logits(head(features[-1], x.shape[-2:]), target)
+            elif distance is not None:  # moments of every slice at once, as the reference was learnt
+                loss = distance.loss(unet, images)
             else:
                 loss = torch.zeros((), device=device)
                 if statistics is not None:

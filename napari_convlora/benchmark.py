@@ -58,10 +58,12 @@ from .device import pick_device
 from .errors import InputError
 from .geometry import SliceGeometry, plan
 from .inference import input_reference, predict_logits, segment
+from .intensity_curve import KNOTS, IntensityCurve, fit_curve
 from .metrics import evaluate
 from .model import BaseModel, UNet2D
 from .nifti import Volume
 from .objectives import PRIOR_OBJECTIVES
+from .scanner_reference import required_reference
 from .selection import (
     GATE_MARGIN,
     GATE_MARGINS,
@@ -90,6 +92,7 @@ METHODS: dict[str, str] = {
     "stats+pseudo": "ConvLoRA trained on feature statistics and pseudo-labels together, source BN statistics",
     "prior": "ConvLoRA trained on the size prior alone (brain area per slice from the source masks), source BN",
     "stats+prior": "ConvLoRA trained on feature statistics and the size prior together, source BN statistics",
+    "reference": "ConvLoRA trained towards the model's scanner reference (feature moments of its training heads)",
     "moe": "Conv-LoRA with a mixture of scale experts (MoE) self-training, source BN statistics",
     "moe+adabn": "Conv-LoRA with a mixture of scale experts (MoE) + AdaBN self-training",
     "full-ft": "full fine-tuning of the U-Net on its own thresholded predictions (pseudo-labels)",
@@ -97,6 +100,7 @@ METHODS: dict[str, str] = {
     "standardize": "source model on the scan's intensities standardised to its training heads'; nothing trained",
     "standardize-brain": "as standardize, then the brain's landmarks too, under the standardised mask",
     "standardize+convlora+adabn": "ConvLoRA + AdaBN (as convlora+adabn) on standardised slices",
+    "curve": "source model on the scan through a monotone intensity curve learnt towards its scanner reference",
 }
 STANDARDIZED = "standardize+"  # a method name that starts so runs the adapter method after it on standardised slices
 ORACLE_EPOCH_FACTOR = 4  # the oracle trains 4x the epochs (at 1e-3 instead of 1e-4 it wrecked the model: 0.24)
@@ -123,6 +127,8 @@ class Cell:
     source_agreement: float | None = None  # the same for the source model
     confidence: float | None = None  # selection.mask_confidence of this cell's whole-volume result (the gate's)
     source_confidence: float | None = None  # the same for the source model (None when its cell ran earlier)
+    distance: float | None = None  # "curve": its input's distance from the model's scanner reference
+    source_distance: float | None = None  # "curve": the scan's as it is, on the same slices
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,8 @@ class Adapted:
     agreement: float | None = None
     standardize: bool = False  # the scan is standardised before this model reads it (napari_convlora.standardize)
     brain: bool = False  # its brain's landmarks too, where a first standardised segmentation found the brain
+    curve: IntensityCurve | None = None  # the scan goes through this before the model reads it
+    distances: tuple[float, float] | None = None  # the curve's fit: distance from the reference before, after
 
 
 # Adapter methods: (kind, objective, AdaBN, epoch selection).
@@ -147,6 +155,7 @@ ADAPTER_METHODS: dict[str, tuple[str, str, bool, str]] = {
     "stats+pseudo": ("convlora", "stats+pseudo", False, "consistency"),
     "prior": ("convlora", "shape-prior", False, "consistency"),
     "stats+prior": ("convlora", "stats+prior", False, "consistency"),
+    "reference": ("convlora", "scanner-reference", False, "consistency"),
 }
 MIX_SHARE = 0.5  # mixbn: share of the target statistics
 
@@ -212,6 +221,13 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
     if method in ("standardize", "standardize-brain"):
         IntensityReference.of_model(base)  # the landmarks are read when the scan is segmented
         return Adapted(base, 0, 0.0, standardize=True, brain=method == "standardize-brain")
+    if method == "curve":
+        _, _, images = target_slices(base, volume, config)
+        device = pick_device(config.device)
+        fit = fit_curve(base.copy().unet.to(device), required_reference(base, "the curve"), images.to(device))
+        assert fit is not None  # nothing stops it
+        seconds = time.perf_counter() - start
+        return Adapted(base, KNOTS, seconds, curve=fit.curve, distances=(fit.distance_before, fit.distance_after))
     standardized = method.startswith(STANDARDIZED)
     if method.removeprefix(STANDARDIZED) in ADAPTER_METHODS:
         kind, objective, adabn, selection = ADAPTER_METHODS[method.removeprefix(STANDARDIZED)]
@@ -317,6 +333,8 @@ def run_benchmark(
         ShapePrior.of_model(base)  # before any cell
     if any(m.startswith("standardize") for m in methods):
         IntensityReference.of_model(base, brain="standardize-brain" in methods)
+    if "curve" in methods:
+        required_reference(base, "the curve")
     finished = {(c.profile, c.seed, c.method) for c in done}
     for seed in seeds:
         for profile in profiles:
@@ -343,7 +361,9 @@ def run_benchmark(
                 agreed = adapted.agreement
                 if agreed is None:
                     agreed = early_agreement(adapted.model, base, *seen)
-                result = segment(adapted.model, scan, device=config.device, standardize=adapted.standardize)
+                result = segment(
+                    adapted.model, scan, device=config.device, standardize=adapted.standardize, curve=adapted.curve
+                )
                 if adapted.brain:  # the second run, as `segment --standardize auto` makes it
                     result = segment(adapted.model, scan, device=config.device, standardize=True, brain=result.mask)
                 scores = evaluate(result.mask, reference.data, scan.spacing, tolerance_mm)
@@ -365,6 +385,7 @@ def run_benchmark(
                     round(source_agreement, 5),
                     confidence,
                     source_confidence,
+                    *(round(d, 4) for d in (adapted.distances or ())[::-1]),
                 )
 
 

@@ -13,6 +13,7 @@ the input's voxel grid.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from skimage.filters import threshold_otsu
 from .morphology import opening
 from .nifti import Volume
 from .standardize import IntensityReference, standardize
+
+if TYPE_CHECKING:  # the curve's module reaches the network's; the planner needs only its apply()
+    from .intensity_curve import IntensityCurve
 
 PLANE_SPACING_MM = 1.0
 MULTIPLE = 8
@@ -230,11 +234,13 @@ def plan(
     scaling: str = LEGACY_SCALING,
     reference: IntensityReference | None = None,
     brain: np.ndarray | None = None,
+    curve: IntensityCurve | None = None,
 ) -> tuple[SliceGeometry, np.ndarray]:
     """Plan the slicing of ``volume``; return the geometry and the RAS volume scaled by ``scaling``.
 
     With a ``reference`` the scaled volume is also standardised to it (:mod:`napari_convlora.standardize`),
-    its brain's landmarks too if ``brain`` (a mask on ``volume``'s grid) says where the brain is.
+    its brain's landmarks too if ``brain`` (a mask on ``volume``'s grid) says where the brain is. A
+    ``curve`` (:mod:`napari_convlora.intensity_curve`) then maps its intensities.
     """
     ornt = orientations.io_orientation(volume.affine)
     to_ras = orientations.ornt_transform(ornt, orientations.axcodes2ornt("RAS"))
@@ -264,6 +270,8 @@ def plan(
     if reference is not None:  # after the head is found: standardising changes intensities, never the geometry
         ras_brain = None if brain is None else orientations.apply_orientation(brain, to_ras)
         standardize(scaled, reference, ras_brain)
+    if curve is not None:
+        curve.apply(scaled)
     return geometry.restricted(box), scaled
 
 

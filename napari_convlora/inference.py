@@ -22,6 +22,7 @@ from .adapters import Adapter, apply_adapter
 from .device import pick_device
 from .errors import InputError
 from .geometry import SliceGeometry, plan
+from .intensity_curve import IntensityCurve
 from .model import BaseModel, UNet2D, fold_batch_norms
 from .morphology import dilate_cube, fill_holes, largest_component, opening
 from .nifti import Volume
@@ -238,6 +239,7 @@ def iter_segment(
     smooth_mm: float = SMOOTH_MM,
     standardize: bool = False,
     brain: np.ndarray | None = None,
+    curve: IntensityCurve | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[SegmentProgress | Segmentation | None]:
     """Yield :class:`SegmentProgress` per batch, then the :class:`Segmentation` (or None if stopped).
@@ -255,7 +257,8 @@ def iter_segment(
     (:mod:`napari_convlora.standardize`); an adapter adapted on standardised
     slices standardises whatever this says. ``brain``: a first segmentation's
     mask on the scan's grid; with standardisation its brain's landmarks are
-    standardised too.
+    standardised too. ``curve``: an intensity curve learnt for this scan
+    (:mod:`napari_convlora.intensity_curve`), applied after any standardisation.
     """
     start = time.perf_counter()
     torch_device = pick_device(device)
@@ -267,7 +270,7 @@ def iter_segment(
     if brain is not None and (reference is None or brain.shape != volume.data.shape):
         raise ValueError("a brain mask needs standardisation and the scan's grid")
     unet = fold_batch_norms(apply_adapter(base, adapter))  # a copy: the base model is never touched
-    geometry, scaled = plan(volume, base.intensity_scaling, reference, brain)
+    geometry, scaled = plan(volume, base.intensity_scaling, reference, brain, curve)
     count = _Count(total=geometry.n_slices, start=start)
     known: dict[int, np.ndarray] = {}
     if two_pass:

@@ -14,6 +14,16 @@ target slices; they differ in what tells the adapters which way to move:
   the confident pixels (|p - 0.5| >= 0.4) with BCE + soft Dice, plus the
   agreement of its outputs on two photometric views of the same slices.
 - ``stats+pseudo``: both losses summed.
+- ``scanner-reference``: the target's per-channel feature mean and log-variance
+  at every encoder batch-norm input, over all the adapted slices at once, should
+  lie where the model's scanner reference (:mod:`napari_convlora.scanner_reference`,
+  learnt over several training heads through the source profile) puts them,
+  each channel weighted by how little it varies from head to head. The
+  feature statistics above compare with the batch norms' running statistics,
+  which mix every training head and augmentation and treat a channel that moves
+  with anatomy (neck, field of view) like one that moves with the scanner; the
+  reference is the distance `--standardize auto` and `--adapter auto` already
+  trust, made the loss.
 - ``shape-prior``: only the size prior of :mod:`napari_convlora.shape_prior` (the
   brain's area per slice, by lateral position, learnt from the source masks) on
   the adapted network's final output: it can only pull a leaking or collapsing
@@ -36,11 +46,15 @@ from scipy import ndimage
 
 from .adapters import encoder_batchnorms
 from .model import UNet2D
+from .scanner_reference import ScannerReference
 
-OBJECTIVES = ("early-head", "feature-stats", "pseudo-label", "stats+pseudo", "shape-prior", "stats+prior")
+OBJECTIVES = (
+    "early-head", "feature-stats", "pseudo-label", "stats+pseudo", "shape-prior", "stats+prior", "scanner-reference",
+)  # fmt: skip
 STATISTICS_OBJECTIVES = ("feature-stats", "stats+pseudo", "stats+prior")  # those with the feature-statistics loss
 PSEUDO_LABEL_OBJECTIVES = ("pseudo-label", "stats+pseudo")  # those with the pseudo-label loss
 PRIOR_OBJECTIVES = ("shape-prior", "stats+prior")  # those with the shape prior (the model must carry one)
+REFERENCE_OBJECTIVES = ("scanner-reference",)  # those with the scanner-reference loss (the model must carry one)
 CONFIDENCE = 0.4  # a pseudo-labelled pixel counts when |p - 0.5| >= this
 CONSISTENCY_WEIGHT = 1.0
 # Views of the pseudo-label: (rotation degrees, zoom, gamma). Invertible, and within the source training
@@ -87,6 +101,51 @@ class SourceStatistics:
         for (mean_t, std_t), mean_s, std_s in zip(self._seen, self.mean, self.std, strict=True):
             terms.append(((mean_t - mean_s).abs() + (std_t - std_s).abs()).div(std_s).mean())
         self._seen = [None] * len(self.layers)
+        return torch.stack(terms).mean()
+
+
+class ReferenceDistance:
+    """:meth:`ScannerReference.distance` of the adapted encoder's features, differentiable.
+
+    The moments are taken over every slice passed at once: the reference was
+    learnt from 10 slices a head, and two slices' moments vary with anatomy more
+    than the head-to-head spreads allow.
+    """
+
+    def __init__(self, unet: UNet2D, reference: ScannerReference, device: torch.device | str):
+        self.layers = encoder_batchnorms(unet)
+        if len(reference.layers) != len(self.layers):
+            raise ValueError(f"a reference of {len(reference.layers)} layers for {len(self.layers)} encoder BNs")
+
+        def tensor(values: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(values, dtype=torch.float32, device=device)
+
+        self.reference = [
+            (tensor(r.mean), tensor(r.mean_spread), tensor(r.log_var), tensor(r.log_var_spread))
+            for r in reference.layers
+        ]
+        self.eps = [bn.eps for _, bn in self.layers]
+
+    def loss(self, unet: UNet2D, images: torch.Tensor) -> torch.Tensor:
+        """The spread-weighted squared distance of ``images``' feature moments from the reference."""
+        terms: list[torch.Tensor] = []
+
+        def hook(index: int):
+            def record(_module, inputs):
+                x = inputs[0]
+                mean, spread_m, log_var, spread_v = self.reference[index]
+                var = x.var(dim=(0, 2, 3)) + self.eps[index]
+                parts = (x.mean(dim=(0, 2, 3)) - mean) ** 2 / spread_m + (var.log() - log_var) ** 2 / spread_v
+                terms.append(parts.mean())
+
+            return record
+
+        handles = [bn.register_forward_pre_hook(hook(i)) for i, (_, bn) in enumerate(self.layers)]
+        try:
+            unet.encode(images)
+        finally:
+            for handle in handles:
+                handle.remove()
         return torch.stack(terms).mean()
 
 

@@ -31,7 +31,7 @@ import torch
 from .adapters import encoder_batchnorms
 from .errors import InputError
 from .model import SCANNER_REFERENCE_KEY as METADATA_KEY
-from .model import UNet2D
+from .model import BaseModel, UNet2D
 
 SHRINK = 0.5  # how far each channel's head-to-head variance is pulled towards its layer's mean
 
@@ -169,6 +169,17 @@ def reference_from_metadata(where: object, metadata: dict, unet: UNet2D) -> Scan
             raise InputError(f"{problem} has a layer of the wrong size, non-finite values or spreads that are not > 0")
         layers.append(LayerReference(*arrays))
     return ScannerReference(tuple(heads), tuple(layers))
+
+
+def required_reference(base: BaseModel, purpose: str) -> ScannerReference:
+    """The reference ``base``'s file carries, or an InputError naming the file and ``purpose`` if none."""
+    where = base.path or "the model"
+    found = reference_from_metadata(where, base.metadata, base.unet)
+    if found is None:
+        raise InputError(
+            f"{where}: carries no scanner reference, which {purpose} needs (scripts/add_scanner_reference.py adds one)"
+        )
+    return found
 
 
 def _is_number(value: object) -> bool:

@@ -12,17 +12,21 @@ from napari_convlora.adapt import AdaptConfig, EpochReport, adapt, reestimate_bn
 from napari_convlora.adapters import apply_adapter, inject_convlora, set_trainable
 from napari_convlora.cli import main
 from napari_convlora.errors import InputError
+from napari_convlora.geometry import plan, select_slices
 from napari_convlora.library import default_model_path
 from napari_convlora.model import load_model
 from napari_convlora.objectives import (
     OBJECTIVES,
     PRIOR_OBJECTIVES,
+    REFERENCE_OBJECTIVES,
     SourceStatistics,
     multiview_probability,
     pseudo_label_loss,
     pseudo_labels,
     warp,
 )
+from napari_convlora.scanner_reference import METADATA_KEY as REFERENCE_KEY
+from napari_convlora.scanner_reference import feature_moments, learn_reference
 from napari_convlora.selection import (
     DEFAULT_GATE,
     GATE_MARGINS,
@@ -50,6 +54,13 @@ def test_a_few_steps_move_the_adapters(model, small_volume, objective):
         model = model.copy()
         mask = load_heads([(SAMPLE_T1, SAMPLE_MASK)])[0].masks
         model.metadata[PRIOR_KEY] = learn_shape_prior([mask]).as_metadata()
+    if objective in REFERENCE_OBJECTIVES:  # a reference the sample is far from: its slices, half as bright
+        model = model.copy()
+        geometry, scaled = plan(small_volume, model.intensity_scaling)
+        stack = geometry.to_model(scaled)
+        images = torch.from_numpy(stack[select_slices(stack, 4)][:, None].copy()) * 0.5
+        moments = [feature_moments(model.unet, images), feature_moments(model.unet, images * 1.1)]
+        model.metadata[REFERENCE_KEY] = learn_reference(moments, ["a", "b"]).as_metadata()
     done = run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "objective": objective}))
     lora_b = [v for k, v in done.adapter.tensors.items() if k.endswith("lora_B")]
     assert lora_b and any(torch.count_nonzero(v) for v in lora_b)
@@ -221,5 +232,7 @@ def test_bad_objective_and_selection_are_refused(model, small_volume):
         run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "selection": "luck"}))
     with pytest.raises(InputError, match="--gate"):
         run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "gate": "luck"}))
+    with pytest.raises(InputError, match=r"carries no scanner reference.*--objective scanner-reference"):
+        run_adaptation(model, small_volume, AdaptConfig(**{**QUICK.__dict__, "objective": "scanner-reference"}))
     assert QUICK.gate == DEFAULT_GATE == "confidence" and QUICK.margin == GATE_MARGINS["confidence"]
     assert AdaptConfig(gate="consistency", gate_margin=0.02).margin == 0.02
