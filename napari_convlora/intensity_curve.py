@@ -23,7 +23,7 @@ No weight of the network changes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,7 +79,16 @@ class CurveFit:
     best_step: int  # 0: the identity was never beaten
 
 
-def fit_curve(
+@dataclass(frozen=True)
+class CurveStep:
+    """One step of the fit done, of ``steps``, and the distance it measured (for a progress display)."""
+
+    step: int
+    steps: int
+    distance: float
+
+
+def iter_fit_curve(
     unet: UNet2D,
     reference: ScannerReference,
     images: torch.Tensor,
@@ -87,8 +96,12 @@ def fit_curve(
     lr: float = LR,
     knots: int = KNOTS,
     should_stop: Callable[[], bool] | None = None,
-) -> CurveFit | None:
-    """Learn the curve on ``images`` (N x 1 x H x W, scaled) through the frozen ``unet``; None if stopped."""
+) -> Generator[CurveStep, None, CurveFit | None]:
+    """Learn the curve on ``images`` (N x 1 x H x W, scaled) through the frozen ``unet``; yield each step.
+
+    Returns the fit, or None if ``should_stop`` said so (checked before every step).
+    The network's weights are never changed; their ``requires_grad`` flags are restored.
+    """
     unet = unet.eval()
     frozen = [(p, p.requires_grad) for p in unet.parameters()]
     for p, _ in frozen:
@@ -113,8 +126,19 @@ def fit_curve(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            yield CurveStep(step + 1, steps, value)
     finally:
         for p, was in frozen:
             p.requires_grad_(was)
     heights = tuple(float(h) for h in _heights(best_theta).cpu().double())
     return CurveFit(IntensityCurve(heights), before, best, best_step)
+
+
+def fit_curve(unet: UNet2D, reference: ScannerReference, images: torch.Tensor, **options) -> CurveFit | None:
+    """Run :func:`iter_fit_curve` to the end (same arguments) and return its result."""
+    fitting = iter_fit_curve(unet, reference, images, **options)
+    while True:
+        try:
+            next(fitting)
+        except StopIteration as finished:
+            return finished.value
