@@ -901,11 +901,15 @@ STANDARDIZE_HELP = (
     "map the scan's intensity histogram (nine percentiles of the head) onto the model's training heads' before "
     "the network reads it: no training, helps on scanners with another contrast (BENCHMARKS.md section 2); "
     "auto: segment as it is, standardised, and standardised on the brain too (its 10th and 90th percentiles, "
-    "under the standardised mask); keep the brain-standardised mask if its input's encoder features are the "
+    "under the standardised mask), and, if the model carries a scanner reference and no adapter is used, through "
+    "an intensity curve learnt on 10 slices towards the training heads' encoder features (about a minute on a "
+    "CPU); keep the curve's mask if it is no less confident than the plain one and the brain-standardised input "
+    "is no farther from the training heads' features than the scan's; else the brain-standardised mask "
+    "if its input's encoder features are the "
     "nearest to the training heads' and nearer than the scan's by 0.4 (the model's scanner reference), its mask no "
     "less confident than the plain one (without a reference or with an adapter: if its confidence beats both "
     "others' by 0.003, as before); else the head-standardised one if the confidence gate lets it, else the plain "
-    "one (three times the time)"
+    "one"
 )
 COMMANDS = {
     "segment": cmd_segment,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Generator
 from typing import NamedTuple
 
@@ -37,6 +38,7 @@ from .adapters import Adapter
 from .device import pick_device
 from .geometry import plan, select_slices
 from .inference import Segmentation, SegmentProgress, input_reference, iter_segment
+from .intensity_curve import CurveFit, iter_fit_curve
 from .model import BaseModel, UNet2D
 from .nifti import Volume
 from .scanner_reference import ScannerReference, feature_moments, reference_from_metadata
@@ -179,6 +181,7 @@ class IntensityChoice(NamedTuple):
     standardized: Segmentation  # the head's landmarks standardised
     note: str  # one line for the user: which was kept, with the confidences
     brain: Segmentation | None = None  # the brain's landmarks too (None: the model has none)
+    curve: Segmentation | None = None  # through the learnt intensity curve (None: no scanner reference, or an adapter)
 
     @property
     def is_standardized(self) -> bool:
@@ -187,7 +190,7 @@ class IntensityChoice(NamedTuple):
     @property
     def seconds(self) -> float:
         """What the user waited for: every run made."""
-        return sum(r.seconds for r in (self.plain, self.standardized, self.brain) if r is not None)
+        return sum(r.seconds for r in (self.plain, self.standardized, self.brain, self.curve) if r is not None)
 
 
 def iter_plain_and_standardized(
@@ -202,9 +205,21 @@ def iter_plain_and_standardized(
     """The scan segmented as it is and standardised (:mod:`napari_convlora.standardize`); keep one of them.
 
     Standardised twice if the model has brain landmarks: the head's, then the
-    head's and, under that run's mask, the brain's. Which mask is kept:
+    head's and, under that run's mask, the brain's. With brain landmarks, a
+    scanner reference and no adapter, a fourth run reads the scan through an
+    intensity curve learnt towards the reference
+    (:mod:`napari_convlora.intensity_curve`; its fit comes first, with its own
+    progress). Which mask is kept:
 
-    - the brain-standardised mask, if the model carries a scanner reference
+    - the curve's, if its mask is no less confident than the plain one and the
+      brain step's input lies no farther from the reference than the scan as
+      it is. Where the brain step moves the scan away (the fat-suppressed look
+      of the simulated Philips 1.5 T, whose brain landmarks sit where the
+      training brains' do not), the curve lost up to 0.032 on one base with a
+      surer mask; elsewhere it gained most (BENCHMARKS.md section 2,
+      ``scripts/probe_curve_rule.py``: the rule fixed on two benchmark files,
+      then checked on three more);
+    - else the brain-standardised mask, if the model carries a scanner reference
       (:mod:`napari_convlora.scanner_reference`), no adapter is used, the brain
       step's input is the nearest of the three to the training heads' features
       and nearer than the scan as it is by :data:`DISTANCE_LEAD`
@@ -228,13 +243,21 @@ def iter_plain_and_standardized(
     reference = None
     if adapter is None:
         reference = reference_from_metadata(base.path or "the model", base.metadata, base.unet)
+    fit = None
+    if reference is not None and brain_step:
+        fit = yield from _iter_curve(base, volume, reference, device, should_stop)
+        if fit is None:
+            return None
     runs: list[_Run] = [{"adapter": adapter, "standardize": False}] if plain is None else []
     runs.append({"adapter": adapter, "standardize": True})
     if brain_step:  # the brain is where the head-standardised run found it
         runs.append(lambda done: {"adapter": adapter, "standardize": True, "brain": done[-1].mask})
+    if fit is not None:
+        runs.append({"adapter": None, "standardize": False, "curve": fit.curve})
     results = yield from _iter_runs(base, volume, runs, device, should_stop, segment_options)
     if results is None:
         return None
+    curve = results.pop() if fit is not None else None
     plain = plain if plain is not None else results[0]
     standardized, brain = (results[-2], results[-1]) if brain_step else (results[-1], None)
     masks = [("as it is", plain), ("head standardised", standardized)]
@@ -242,7 +265,7 @@ def iter_plain_and_standardized(
         masks.append(("brain standardised", brain))
     sure = [mask_confidence(m.probability, m.mask) for _, m in masks]
     verdict = "mask confidence " + ", ".join(f"{c:.4f} {name}" for c, (name, _) in zip(sure, masks, strict=True))
-    brain_kept = False
+    brain_kept, far = False, None
     if brain is not None and reference is not None:
         far = input_distances(base, volume, reference, standardized.mask, device)
         verdict += "; feature distance from the training heads " + ", ".join(
@@ -253,7 +276,40 @@ def iter_plain_and_standardized(
         brain_kept = sure[2] >= max(sure[:2]) + BRAIN_STEP_LEAD
     kept = 2 if brain_kept else 1 if accepted_by_confidence(sure[1], sure[0]) else 0
     note = "intensities kept as they are" if kept == 0 else f"intensities standardised, {('head', 'brain')[kept - 1]}"
-    return IntensityChoice(masks[kept][1], plain, standardized, f"{note} ({verdict})", brain)
+    chosen = masks[kept][1]
+    if curve is not None and fit is not None:
+        curve_sure = mask_confidence(curve.probability, curve.mask)
+        verdict += (
+            f"; learnt intensity curve: mask confidence {curve_sure:.4f}, feature distance "
+            f"{fit.distance_before:.2f} -> {fit.distance_after:.2f} on its slices"
+        )
+        if far is not None and curve_sure >= sure[0] and far[2] <= far[0]:
+            chosen, note = curve, "intensities through the learnt curve"
+    return IntensityChoice(chosen, plain, standardized, f"{note} ({verdict})", brain, curve)
+
+
+def _iter_curve(
+    base: BaseModel,
+    volume: Volume,
+    reference: ScannerReference,
+    device: str,
+    should_stop: Callable[[], bool] | None,
+) -> Generator[SegmentProgress, None, CurveFit | None]:
+    """The intensity curve of ``volume`` for ``base`` (:func:`iter_fit_curve` on its plain slices), with progress."""
+    start = time.perf_counter()
+    torch_device = pick_device(device)
+    geometry, scaled = plan(volume, base.intensity_scaling)
+    stack = geometry.to_model(scaled)
+    images = torch.from_numpy(stack[select_slices(stack, DISTANCE_SLICES)][:, None].copy()).to(torch_device)
+    del scaled, stack
+    unet = copy.deepcopy(base.unet).to(torch_device)
+    fitting = iter_fit_curve(unet, reference, images, should_stop=should_stop)
+    while True:
+        try:
+            step = next(fitting)
+        except StopIteration as finished:
+            return finished.value
+        yield SegmentProgress(step.step, step.steps, time.perf_counter() - start)
 
 
 def input_distances(

@@ -307,20 +307,51 @@ def test_input_distances_find_the_scan_as_it_is_nearest_a_reference_learnt_from_
     # auto measures the same distances (the scan as it is nearest: the brain step is not kept by them)
     _, choice = drive(selection.iter_plain_and_standardized(base, small_volume, device="cpu"))
     assert np.array_equal(choice.standardized.mask, head.mask) and choice.kept is not choice.brain
+    assert choice.curve is not None and "learnt intensity curve: mask confidence" in choice.note
     distances = f"{plain:.2f} as it is, {head_step:.2f} head standardised, {brain_step:.2f} brain standardised"
-    assert f"feature distance from the training heads {distances})" in choice.note
+    assert f"feature distance from the training heads {distances};" in choice.note
+    assert f"feature distance {plain:.2f} -> " in choice.note  # the curve starts from the plain scan's slices
+
+
+def test_auto_reports_the_curve_fit_and_stops_in_it(monkeypatch, tmp_path, model_file, small_volume):
+    from napari_convlora import selection
+    from napari_convlora.intensity_curve import STEPS
+
+    base = _with_scanner_reference(model_file, tmp_path, small_volume)
+    monkeypatch.setattr(selection, "iter_segment", lambda *a, **k: pytest.fail("segmented before the fit ended"))
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    reports, choice = drive(selection.iter_plain_and_standardized(base, small_volume, device="cpu", should_stop=stop))
+    assert choice is None
+    assert [r.done for r in reports] == [1, 2, 3] and {r.total for r in reports} == {STEPS}
+
+
+def _identity_fit(*args, **kwargs):
+    from napari_convlora.intensity_curve import CurveFit, IntensityCurve
+
+    yield from ()
+    return CurveFit(IntensityCurve((0.0, 1.0)), 1.0, 1.0, 0)
 
 
 @pytest.mark.parametrize(
     ("far", "sure", "kept"),
-    [
-        ((3.0, 2.0, 1.0), (0.70, 0.70, 0.71), "brain"),  # nearest, by more than the lead, and surer than the plain mask
-        ((3.0, 2.0, 1.0), (0.70, 0.72, 0.70), "brain"),  # as sure as the plain mask is enough
-        ((3.0, 2.0, 1.0), (0.70, 0.70, 0.69), "plain"),  # less sure than the plain mask; the head step fails the gate
-        ((3.0, 2.0, 1.0), (0.60, 0.65, 0.59), "head"),  # less sure; the head step passes the gate (unsure source)
-        ((1.2, 2.0, 0.9), (0.60, 0.61, 0.70), "head"),  # nearest but within the lead of the scan as it is
-        ((3.0, 1.0, 2.0), (0.60, 0.61, 0.75), "head"),  # the head step nearer: the surest is not kept by confidence
-        ((1.0, 2.0, 3.0), (0.74, 0.74, 0.76), "plain"),  # the scan as it is nearest; the head step fails the gate
+    [  # confidences: plain, head step, brain step, then the curve (less sure than the plain mask: not kept)
+        ((3.0, 2.0, 1.0), (0.70, 0.70, 0.71, 0.69), "brain"),  # nearest by more than the lead, surer than plain
+        ((3.0, 2.0, 1.0), (0.70, 0.72, 0.70, 0.69), "brain"),  # as sure as the plain mask is enough
+        ((3.0, 2.0, 1.0), (0.70, 0.70, 0.69, 0.69), "plain"),  # less sure than the plain mask; the head step fails
+        ((3.0, 2.0, 1.0), (0.60, 0.65, 0.59, 0.59), "head"),  # less sure; the head step passes the gate (unsure source)
+        ((1.2, 2.0, 0.9), (0.60, 0.61, 0.70, 0.59), "head"),  # nearest but within the lead of the scan as it is
+        ((3.0, 1.0, 2.0), (0.60, 0.61, 0.75, 0.59), "head"),  # the head step nearer: the surest is not kept by it
+        ((1.0, 2.0, 3.0), (0.74, 0.74, 0.76, 0.73), "plain"),  # the scan as it is nearest; the head step fails
+        # the curve's mask as sure as the plain one, or surer, and the brain step no farther than the scan: kept
+        ((3.0, 2.0, 1.0), (0.70, 0.70, 0.71, 0.70), "curve"),
+        ((1.2, 2.0, 0.9), (0.60, 0.61, 0.70, 0.61), "curve"),  # the brain step nearer by less than the lead
+        ((1.0, 2.0, 1.0), (0.74, 0.74, 0.73, 0.745), "curve"),  # as near: enough
+        ((1.0, 2.0, 3.0), (0.74, 0.74, 0.76, 0.745), "plain"),  # the brain step farther: the curve is not kept
     ],
 )
 def test_with_a_scanner_reference_auto_keeps_the_brain_step_by_distance(
@@ -333,9 +364,12 @@ def test_with_a_scanner_reference_auto_keeps_the_brain_step_by_distance(
     values = iter(sure)
     monkeypatch.setattr(selection, "mask_confidence", lambda probability, mask: next(values))
     monkeypatch.setattr(selection, "input_distances", lambda *args, **kwargs: list(far))
+    monkeypatch.setattr(selection, "iter_fit_curve", _identity_fit)  # the rule is under test here, not the fit
     _, choice = drive(selection.iter_plain_and_standardized(base, small_volume, device="cpu"))
-    assert choice.kept is {"plain": choice.plain, "head": choice.standardized, "brain": choice.brain}[kept]
-    assert choice.note.startswith("intensities kept" if kept == "plain" else f"intensities standardised, {kept}")
+    masks = {"plain": choice.plain, "head": choice.standardized, "brain": choice.brain, "curve": choice.curve}
+    assert choice.kept is masks[kept]
+    start = {"plain": "intensities kept", "curve": "intensities through the learnt curve"}
+    assert choice.note.startswith(start.get(kept, f"intensities standardised, {kept}"))
     assert f"feature distance from the training heads {far[0]:.2f} as it is" in choice.note
 
 

@@ -88,13 +88,16 @@ class Controls(QWidget):
         for value, text in (
             ("off", "off"),
             ("on", "on"),
-            ("auto", "auto: keep one of three masks (~3x time)"),
+            ("auto", "auto: keep one of four masks (slower)"),
         ):
             self.standardize_combo.addItem(text, value)
         self.standardize_combo.setToolTip(
             "Map this scan's intensity histogram onto the one the model was trained on before it reads it "
             "(no training). Helps on scanners with another contrast, loses on some scans; auto segments as it "
-            "is, standardised, and standardised on the brain too, and keeps the brain-standardised mask where "
+            "is, standardised, standardised on the brain too, and (with the model's scanner reference, no "
+            "adapter) through an intensity curve learnt on 10 slices towards the training heads' features; it "
+            "keeps the curve's mask if the model is no less sure of it than of the plain one and the brain "
+            "step does not move the scan away from those features, else the brain-standardised mask where "
             "that input comes nearest the training heads' features and the model is no less sure of it, else "
             "the standardised one only if the model is surer of it (the confidence gate). With 'on', Adapt adapts "
             "on standardised slices and its adapter standardises every scan it reads."
