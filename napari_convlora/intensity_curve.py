@@ -23,6 +23,7 @@ No weight of the network changes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
@@ -86,6 +87,7 @@ class CurveStep:
     step: int
     steps: int
     distance: float
+    elapsed_s: float  # since the fit began
 
 
 def iter_fit_curve(
@@ -102,6 +104,7 @@ def iter_fit_curve(
     Returns the fit, or None if ``should_stop`` said so (checked before every step).
     The network's weights are never changed; their ``requires_grad`` flags are restored.
     """
+    start = time.perf_counter()
     unet = unet.eval()
     frozen = [(p, p.requires_grad) for p in unet.parameters()]
     for p, _ in frozen:
@@ -126,7 +129,7 @@ def iter_fit_curve(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            yield CurveStep(step + 1, steps, value)
+            yield CurveStep(step + 1, steps, value, time.perf_counter() - start)
     finally:
         for p, was in frozen:
             p.requires_grad_(was)

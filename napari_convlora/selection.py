@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from collections.abc import Callable, Generator
 from typing import NamedTuple
 
@@ -38,7 +37,7 @@ from .adapters import Adapter
 from .device import pick_device
 from .geometry import plan, select_slices
 from .inference import Segmentation, SegmentProgress, input_reference, iter_segment
-from .intensity_curve import CurveFit, iter_fit_curve
+from .intensity_curve import CurveFit, CurveStep, iter_fit_curve
 from .model import BaseModel, UNet2D
 from .nifti import Volume
 from .scanner_reference import ScannerReference, feature_moments, reference_from_metadata
@@ -201,7 +200,7 @@ def iter_plain_and_standardized(
     should_stop: Callable[[], bool] | None = None,
     plain: Segmentation | None = None,
     **segment_options,
-) -> Generator[SegmentProgress, None, IntensityChoice | None]:
+) -> Generator[SegmentProgress | CurveStep, None, IntensityChoice | None]:
     """The scan segmented as it is and standardised (:mod:`napari_convlora.standardize`); keep one of them.
 
     Standardised twice if the model has brain landmarks: the head's, then the
@@ -209,7 +208,8 @@ def iter_plain_and_standardized(
     scanner reference and no adapter, a fourth run reads the scan through an
     intensity curve learnt towards the reference
     (:mod:`napari_convlora.intensity_curve`; its fit comes first, with its own
-    progress). Which mask is kept:
+    progress: :class:`CurveStep` reports before the runs' :class:`SegmentProgress`).
+    Which mask is kept:
 
     - the curve's, if its mask is no less confident than the plain one and the
       brain step's input lies no farther from the reference than the scan as
@@ -294,22 +294,15 @@ def _iter_curve(
     reference: ScannerReference,
     device: str,
     should_stop: Callable[[], bool] | None,
-) -> Generator[SegmentProgress, None, CurveFit | None]:
+) -> Generator[CurveStep, None, CurveFit | None]:
     """The intensity curve of ``volume`` for ``base`` (:func:`iter_fit_curve` on its plain slices), with progress."""
-    start = time.perf_counter()
     torch_device = pick_device(device)
     geometry, scaled = plan(volume, base.intensity_scaling)
     stack = geometry.to_model(scaled)
     images = torch.from_numpy(stack[select_slices(stack, DISTANCE_SLICES)][:, None].copy()).to(torch_device)
     del scaled, stack
     unet = copy.deepcopy(base.unet).to(torch_device)
-    fitting = iter_fit_curve(unet, reference, images, should_stop=should_stop)
-    while True:
-        try:
-            step = next(fitting)
-        except StopIteration as finished:
-            return finished.value
-        yield SegmentProgress(step.step, step.steps, time.perf_counter() - start)
+    return (yield from iter_fit_curve(unet, reference, images, should_stop=should_stop))
 
 
 def input_distances(

@@ -516,3 +516,14 @@ def test_a_result_refreshes_the_widgets_own_layer_but_never_one_the_user_changed
     fresh = [x for x in viewer.layers if x.name.startswith("mask: source") and x.unique_id != layer.unique_id]
     assert len(fresh) == 1  # ... and the new result went into a new layer
     np.testing.assert_array_equal(fresh[0].data, first)
+
+
+def test_the_curve_fit_shows_its_own_progress(viewer_widget):
+    from napari_convlora.inference import SegmentProgress
+    from napari_convlora.intensity_curve import CurveStep
+
+    _, widget = viewer_widget
+    widget._on_segment_progress(CurveStep(step=15, steps=60, distance=1.2, elapsed_s=10.0))
+    assert widget.controls.status.text() == "learning the intensity curve: step 15/60, about 30 s left"
+    widget._on_segment_progress(SegmentProgress(done=10, total=40, elapsed_s=5.0))
+    assert widget.controls.status.text() == "segmenting: 10/40 slices, about 15 s left"

@@ -315,7 +315,7 @@ def test_input_distances_find_the_scan_as_it_is_nearest_a_reference_learnt_from_
 
 def test_auto_reports_the_curve_fit_and_stops_in_it(monkeypatch, tmp_path, model_file, small_volume):
     from napari_convlora import selection
-    from napari_convlora.intensity_curve import STEPS
+    from napari_convlora.intensity_curve import STEPS, CurveStep
 
     base = _with_scanner_reference(model_file, tmp_path, small_volume)
     monkeypatch.setattr(selection, "iter_segment", lambda *a, **k: pytest.fail("segmented before the fit ended"))
@@ -327,7 +327,8 @@ def test_auto_reports_the_curve_fit_and_stops_in_it(monkeypatch, tmp_path, model
 
     reports, choice = drive(selection.iter_plain_and_standardized(base, small_volume, device="cpu", should_stop=stop))
     assert choice is None
-    assert [r.done for r in reports] == [1, 2, 3] and {r.total for r in reports} == {STEPS}
+    assert [r.step for r in reports] == [1, 2, 3] and {r.steps for r in reports} == {STEPS}
+    assert all(isinstance(r, CurveStep) for r in reports)
 
 
 def _identity_fit(*args, **kwargs):

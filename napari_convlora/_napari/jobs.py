@@ -33,6 +33,7 @@ from ..choose import choose_adapter, iter_segment_checked
 from ..errors import InputError
 from ..geometry import plan
 from ..inference import Segmentation, SegmentProgress, iter_segment
+from ..intensity_curve import CurveStep
 from ..library import ADAPTER_SUFFIX, BUILTIN, check_name, resolve_adapter, user_adapter_dir
 from ..library import library_files as core_library_files
 from ..metrics import evaluate
@@ -131,7 +132,7 @@ def segment_job(
     stop: threading.Event,
     tta: int = 1,
     standardize: str = "off",
-) -> Generator[SegmentProgress, None, SegmentResult | None]:
+) -> Generator[SegmentProgress | CurveStep, None, SegmentResult | None]:
     """Segment ``volume`` with the chosen adapter; yield progress; return None if stopped.
 
     "auto" picks without labels, then keeps the pick only if the do-no-harm check passes it

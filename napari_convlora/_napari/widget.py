@@ -33,6 +33,7 @@ from ..device import pick_device
 from ..errors import InputError
 from ..files import atomic_write, check_output_path
 from ..inference import SegmentProgress
+from ..intensity_curve import CurveStep
 from ..library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, check_name, default_model_path
 from ..review import upright_view
 from . import jobs
@@ -357,12 +358,18 @@ class ConvLoRAWidget(QWidget):
         )
         self._show_running()
 
-    def _on_segment_progress(self, report: SegmentProgress) -> None:
+    def _on_segment_progress(self, report: SegmentProgress | CurveStep) -> None:
         if self._closing:  # the viewer is closing: its widgets may be gone
             return
-        self._show_progress(self.controls.segment_progress, report.done, report.total)
-        eta = report.elapsed_s / max(report.done, 1) * (report.total - report.done)
-        self.controls.status.setText(f"segmenting: {report.done}/{report.total} slices, about {eta:.0f} s left")
+        done, total, what = (
+            (report.step, report.steps, "learning the intensity curve: step")
+            if isinstance(report, CurveStep)
+            else (report.done, report.total, "segmenting:")
+        )
+        self._show_progress(self.controls.segment_progress, done, total)
+        eta = report.elapsed_s / max(done, 1) * (total - done)
+        unit = "" if isinstance(report, CurveStep) else " slices"
+        self.controls.status.setText(f"{what} {done}/{total}{unit}, about {eta:.0f} s left")
 
     def _on_segmented(self, result: jobs.SegmentResult | None, target: dict) -> None:
         if self._closing:
