@@ -62,8 +62,8 @@ from .intensity_curve import KNOTS, IntensityCurve, fit_curve
 from .metrics import evaluate
 from .model import BaseModel, UNet2D
 from .nifti import Volume
-from .objectives import PRIOR_OBJECTIVES
-from .scanner_reference import required_reference
+from .objectives import PRIOR_OBJECTIVES, REFERENCE_OBJECTIVES
+from .scanner_reference import reference_from_metadata, required_reference
 from .selection import (
     GATE_MARGIN,
     GATE_MARGINS,
@@ -333,8 +333,8 @@ def run_benchmark(
         ShapePrior.of_model(base)  # before any cell
     if any(m.startswith("standardize") for m in methods):
         IntensityReference.of_model(base, brain="standardize-brain" in methods)
-    if "curve" in methods:
-        required_reference(base, "the curve")
+    if any(needs_reference(m) for m in methods):
+        required_reference(base, f"the method(s) {', '.join(m for m in methods if needs_reference(m))}")
     finished = {(c.profile, c.seed, c.method) for c in done}
     for seed in seeds:
         for profile in profiles:
@@ -600,6 +600,18 @@ def cells_to_json(cells: list[Cell]) -> list[dict]:
 def default_profiles() -> list[str]:
     """The source profile first (in-domain reference), then every simulated target."""
     return [SOURCE_PROFILE, *(p for p in PROFILES if p != SOURCE_PROFILE)]
+
+
+def needs_reference(method: str) -> bool:
+    """Whether ``method`` reads the model's scanner reference (the curve, the ``scanner-reference`` objective)."""
+    adapter = ADAPTER_METHODS.get(method.removeprefix(STANDARDIZED))
+    return method == "curve" or (adapter is not None and adapter[1] in REFERENCE_OBJECTIVES)
+
+
+def default_methods(base: BaseModel) -> list[str]:
+    """Every method, less those that need a scanner reference when ``base`` carries none."""
+    has_reference = reference_from_metadata(base.path or "the model", base.metadata, base.unet) is not None
+    return [m for m in METHODS if has_reference or not needs_reference(m)]
 
 
 def check_methods(methods: Iterable[str]) -> list[str]:

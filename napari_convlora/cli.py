@@ -251,7 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", type=Path, help="its brain mask (default: the bundled consensus mask)")
     p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
     p.add_argument("--profiles", nargs="+", help="profiles (default: all; the source profile is always added)")
-    p.add_argument("--methods", nargs="+", help="methods (default: all; 'source' is always added)")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        help="methods (default: all the model can run: curve and reference need a scanner reference; "
+        "'source' is always added)",
+    )
     p.add_argument("--seeds", nargs="+", type=_seed, default=[0, 1, 2])
     p.add_argument("--slices", type=_positive_int, default=10)
     p.add_argument("--epochs", type=_positive_int, default=5)
@@ -742,7 +747,7 @@ def cmd_benchmark(args: argparse.Namespace) -> dict:
     profiles = args.profiles or bench.default_profiles()
     for name in profiles:
         get_profile(name)
-    methods = bench.check_methods(args.methods or list(bench.METHODS))
+    methods = bench.check_methods(args.methods or list(bench.METHODS))  # the default narrowed once the model is read
     seeds, slices, epochs = args.seeds, args.slices, args.epochs
     if args.quick:
         profiles = profiles if args.profiles else [SOURCE_PROFILE, "philips-3t"]
@@ -776,6 +781,8 @@ def cmd_benchmark(args: argparse.Namespace) -> dict:
     if args.quick:
         volume, mask = bench.central_slab(volume, mask, 24.0)
     base = _load_base(args.model)
+    if not args.methods:
+        methods = ["source", *(m for m in bench.default_methods(base) if m != "source")]
     config = AdaptConfig(slices=slices, epochs=epochs, lr=args.lr, device=args.device)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch device {args.device}"

@@ -255,9 +255,9 @@ def test_one_scan_standardised(tmp_path, small_path, model_file, monkeypatch, st
 
     seen, plan = [], inference.plan
 
-    def spy(volume, scaling, reference=None, brain=None):
+    def spy(volume, scaling, reference=None, brain=None, curve=None):
         seen.append((reference is not None, brain is not None))
-        return plan(volume, scaling, reference, brain)
+        return plan(volume, scaling, reference, brain, curve)
 
     monkeypatch.setattr(inference, "plan", spy)
     scan = Scan("head4mm", str(small_path), str(tmp_path / "m.nii.gz"), None, "none")

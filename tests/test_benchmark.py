@@ -6,17 +6,38 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from napari_convlora import benchmark as bench
 from napari_convlora.cli import main
+from napari_convlora.errors import InputError
+from napari_convlora.geometry import plan, select_slices
+from napari_convlora.intensity_curve import KNOTS
+from napari_convlora.model import load_model, save_model
 from napari_convlora.nifti import load_mask, load_volume
+from napari_convlora.scanner_reference import METADATA_KEY as REFERENCE_KEY
+from napari_convlora.scanner_reference import feature_moments, learn_reference
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, small_path, small_mask_path, model_file):
+def referenced_model(tmp_path_factory, model_file, small_volume):
+    """The tiny model with a scanner reference (the small head's slices as two "heads"): every method can run."""
+    model = load_model(model_file)
+    geometry, scaled = plan(small_volume, model.intensity_scaling)
+    stack = geometry.to_model(scaled)
+    sets = [torch.from_numpy(stack[select_slices(stack, n)][:, None].copy()) for n in (6, 8)]
+    moments = [feature_moments(model.unet, images) for images in sets]
+    model.metadata[REFERENCE_KEY] = learn_reference(moments, ["six", "eight"]).as_metadata()
+    path = tmp_path_factory.mktemp("referenced") / "tiny.safetensors"
+    save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, small_path, small_mask_path, referenced_model):
     out = tmp_path_factory.mktemp("bench")
     args = ["benchmark", "--quick", "--t1", str(small_path), "--mask", str(small_mask_path)]
-    args += ["--model", str(model_file), "-o", str(out / "results.json"), "--markdown", str(out / "table.md")]
+    args += ["--model", str(referenced_model), "-o", str(out / "results.json"), "--markdown", str(out / "table.md")]
     args += ["--lr", "0.001"]  # the model is untrained: a few steps must show what labels buy
     assert main([*args, "--json"]) == 0
     return out, args
@@ -41,6 +62,9 @@ def test_quick_benchmark_runs_every_method_on_source_and_one_target(quick_run, c
     # MoE adapters: a smaller B (1x1) than ConvLoRA's, plus 8 experts and a gate per layer
     assert by["ge-3t", "moe"]["trainable_parameters"] == by["ge-3t", "moe+adabn"]["trainable_parameters"] > 0
     assert by["ge-3t", "moe"]["trainable_parameters"] != by["ge-3t", "convlora"]["trainable_parameters"]
+    # the curve: its knots are what it trains, and it records how near it brought the scan to the reference
+    curve = by["philips-3t", "curve"]
+    assert curve["trainable_parameters"] == KNOTS and curve["distance"] <= curve["source_distance"]
     table = (out / "table.md").read_text()
     assert table.splitlines()[0].startswith("| profile | gap | source | adabn |")
     assert "| philips-3t |" in table and "trainable parameters" in table
@@ -77,7 +101,6 @@ def test_bad_arguments_exit_2(tmp_path, extra, message, capsys):
 
 
 def test_the_brain_step_needs_a_model_with_brain_landmarks(tmp_path, small_path, small_mask_path, model_file, capsys):
-    from napari_convlora.model import load_model, save_model
     from napari_convlora.standardize import METADATA_KEY
 
     older = load_model(model_file)
@@ -159,3 +182,13 @@ def test_gate_summary_keeps_the_source_where_the_score_did_not_improve():
     assert summary["recovery"]["stats"] == pytest.approx(0.5)  # the stress profile's gap is not averaged in
     criteria = summary["criteria"]["score"]
     assert criteria["gain"] == pytest.approx(1.0) and criteria["cells"] == 8
+
+
+def test_without_a_scanner_reference_the_default_leaves_out_the_methods_that_need_one(
+    model_file, referenced_model, small_volume
+):
+    plain = bench.default_methods(load_model(model_file))
+    assert "curve" not in plain and "reference" not in plain and "stats" in plain and "source" in plain
+    assert bench.default_methods(load_model(referenced_model)) == list(bench.METHODS)
+    with pytest.raises(InputError, match=r"carries no scanner reference.*curve"):
+        next(bench.run_benchmark(load_model(model_file), small_volume, small_volume, ["ge-3t"], [0], ["curve"]))
