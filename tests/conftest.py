@@ -100,3 +100,20 @@ def drive(generator) -> tuple[list, object]:
             reports.append(next(generator))
         except StopIteration as stop:
             return reports, stop.value
+
+
+def with_scanner_reference(model_file: Path, out: Path, volume: Volume) -> Path:
+    """A copy of ``model_file`` at ``out`` with a scanner reference learnt from ``volume`` as it is (two slice
+    sets of it as two "heads"): the curve, the ``scanner-reference`` objective and auto's distance rule read it."""
+    from napari_convlora.geometry import plan, select_slices
+    from napari_convlora.scanner_reference import METADATA_KEY as REFERENCE_KEY
+    from napari_convlora.scanner_reference import feature_moments, learn_reference
+
+    model = load_model(model_file)
+    geometry, scaled = plan(volume, model.intensity_scaling)
+    stack = geometry.to_model(scaled)
+    sets = [torch.from_numpy(stack[select_slices(stack, n)][:, None].copy()) for n in (10, 12)]
+    moments = [feature_moments(model.unet, images) for images in sets]
+    model.metadata[REFERENCE_KEY] = learn_reference(moments, ["ten", "twelve"]).as_metadata()
+    save_model(model, out)
+    return out

@@ -6,31 +6,21 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from napari_convlora import benchmark as bench
 from napari_convlora.cli import main
 from napari_convlora.errors import InputError
-from napari_convlora.geometry import plan, select_slices
 from napari_convlora.intensity_curve import KNOTS
 from napari_convlora.model import load_model, save_model
 from napari_convlora.nifti import load_mask, load_volume
-from napari_convlora.scanner_reference import METADATA_KEY as REFERENCE_KEY
-from napari_convlora.scanner_reference import feature_moments, learn_reference
+
+from .conftest import with_scanner_reference
 
 
 @pytest.fixture(scope="module")
 def referenced_model(tmp_path_factory, model_file, small_volume):
-    """The tiny model with a scanner reference (the small head's slices as two "heads"): every method can run."""
-    model = load_model(model_file)
-    geometry, scaled = plan(small_volume, model.intensity_scaling)
-    stack = geometry.to_model(scaled)
-    sets = [torch.from_numpy(stack[select_slices(stack, n)][:, None].copy()) for n in (6, 8)]
-    moments = [feature_moments(model.unet, images) for images in sets]
-    model.metadata[REFERENCE_KEY] = learn_reference(moments, ["six", "eight"]).as_metadata()
-    path = tmp_path_factory.mktemp("referenced") / "tiny.safetensors"
-    save_model(model, path)
-    return path
+    """The tiny model with a scanner reference: every method can run."""
+    return with_scanner_reference(model_file, tmp_path_factory.mktemp("referenced") / "tiny.safetensors", small_volume)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from napari_convlora.standardize import (
     standardize,
 )
 
-from .conftest import drive
+from .conftest import drive, with_scanner_reference
 
 # simulate.py's GE 1.5 T, Siemens 3 T and Philips 3 T contrasts: monotone changes of every intensity
 _CONTRASTS = [
@@ -277,21 +277,7 @@ def test_which_mask_auto_keeps_for_given_confidences(monkeypatch, model_file, sm
 
 
 def _with_scanner_reference(model_file, tmp_path, volume):
-    """The tiny model with a scanner reference learnt from ``volume`` as it is (two slice sets as two "heads")."""
-    import torch
-
-    from napari_convlora.geometry import select_slices
-    from napari_convlora.scanner_reference import METADATA_KEY as REFERENCE_KEY
-    from napari_convlora.scanner_reference import feature_moments, learn_reference
-
-    model = load_model(model_file)
-    geometry, scaled = plan(volume, model.intensity_scaling)
-    stack = geometry.to_model(scaled)
-    sets = [torch.from_numpy(stack[select_slices(stack, n)][:, None].copy()) for n in (10, 12)]
-    moments = [feature_moments(model.unet, images) for images in sets]
-    model.metadata[REFERENCE_KEY] = learn_reference(moments, ["ten", "twelve"]).as_metadata()
-    save_model(model, tmp_path / "referenced.safetensors")
-    return load_model(tmp_path / "referenced.safetensors")
+    return load_model(with_scanner_reference(model_file, tmp_path / "referenced.safetensors", volume))
 
 
 def test_input_distances_find_the_scan_as_it_is_nearest_a_reference_learnt_from_it(tmp_path, model_file, small_volume):
