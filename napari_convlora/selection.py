@@ -180,7 +180,7 @@ class IntensityChoice(NamedTuple):
     standardized: Segmentation  # the head's landmarks standardised
     note: str  # one line for the user: which was kept, with the confidences
     brain: Segmentation | None = None  # the brain's landmarks too (None: the model has none)
-    curve: Segmentation | None = None  # through the learnt intensity curve (None: no scanner reference, or an adapter)
+    curve: Segmentation | None = None  # through the learnt curve (None: no reference, no brain landmarks, an adapter)
 
     @property
     def is_standardized(self) -> bool:
