@@ -1,5 +1,10 @@
 """Unsupervised adaptation to a new scanner: ConvLoRA + AdaBN self-training (Aleem et al., ISBI 2024), and more.
 
+The default objective, ``intensity``, trains nothing: it keeps the intensity map
+(plain, standardised, or a learnt curve) that ``--standardize auto``'s rule
+chooses on the scan, as an ``intensity`` adapter (:func:`_adapt_intensity`;
+:mod:`napari_convlora.objectives`). The others train adapters.
+
 On N unlabeled target slices: re-estimate the encoder's batch-norm statistics
 (AdaBN); then for a few epochs train only the encoder adapters and encoder BN
 affine parameters on a label-free objective. The paper's (``early-head``): the
@@ -36,7 +41,9 @@ import torch.nn.functional as F
 
 from .adapters import (
     ADAPTER_KINDS,
+    CURVE_KEY,
     DEFAULT_EXPERTS,
+    INTENSITY_KIND,
     Adapter,
     balance_loss,
     encoder_batchnorms,
@@ -49,11 +56,15 @@ from .adapters import (
 from .device import pick_device
 from .errors import InputError
 from .geometry import SliceGeometry, plan, select_slices
-from .inference import Segmentation, input_reference
+from .inference import Segmentation, SegmentProgress, input_reference
+from .intensity_curve import CurveStep
+from .intensity_map import IDENTITY, IntensityCurve, landmark_curve
 from .metrics import surface_dice
 from .model import BaseModel, UNet2D
 from .nifti import Volume
 from .objectives import (
+    DEFAULT_OBJECTIVE,
+    INTENSITY_OBJECTIVE,
     OBJECTIVES,
     PRIOR_OBJECTIVES,
     PSEUDO_LABEL_OBJECTIVES,
@@ -68,15 +79,19 @@ from .objectives import (
 from .scanner_reference import required_reference
 from .selection import (
     DEFAULT_GATE,
+    DISTANCE_SLICES,
     GATE_MARGINS,
     GATES,
+    IntensityChoice,
     accepted,
     confidence_margin,
     consistency,
+    iter_plain_and_standardized,
     iter_source_and_adapted,
     mask_confidence,
 )
 from .shape_prior import ShapePrior, slice_positions
+from .standardize import IntensityReference
 
 # Weight of the MoE load-balancing loss (summed over layers) against the self-training BCE: the
 # value of Shazeer et al. and of the Conv-LoRA code. It only keeps experts in use; the gate learns from it alone.
@@ -98,7 +113,7 @@ class AdaptConfig:
     adabn: bool = True  # re-estimate encoder BN statistics on the target (False: ConvLoRA alone, the ablation)
     kind: str = "convlora"  # or "moe": Conv-LoRA with a mixture of scale experts
     experts: int = DEFAULT_EXPERTS  # scale experts per layer (kind "moe" only)
-    objective: str = "early-head"  # see OBJECTIVES and napari_convlora.objectives
+    objective: str = DEFAULT_OBJECTIVE  # see OBJECTIVES and napari_convlora.objectives
     selection: str = "consistency"  # epoch kept: best perturbation consistency, or "agreement" (the paper's)
     gate: str = DEFAULT_GATE  # the do-no-harm gate's score: see selection.GATES
     gate_margin: float | None = None  # accepted if the gate's score beats the source model's by this (None: per gate)
@@ -115,6 +130,10 @@ class AdaptConfig:
             raise InputError(f"the gate margin must be a number, got {self.gate_margin}")
         if self.kind not in ADAPTER_KINDS:
             raise InputError(f"--kind must be one of {', '.join(ADAPTER_KINDS)}, got {self.kind!r}")
+        if self.objective == INTENSITY_OBJECTIVE and self.kind != "convlora":
+            raise InputError(f"--kind {self.kind} trains adapters; --objective intensity trains none")
+        if self.objective == INTENSITY_OBJECTIVE and self.standardize:
+            raise InputError("--objective intensity chooses the standardisation itself; leave out --standardize")
         for name in ("slices", "epochs", "rank", "batch_size", "experts"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -184,6 +203,7 @@ class AdaptDone:
     # the confidence gate's whole-scan segmentation with the adapter (None with the consistency gate):
     # the result a caller would compute next, already paid for
     segmentation: Segmentation | None = None
+    note: str = ""  # objective intensity: which input was kept and why (IntensityChoice.note)
 
     @property
     def score(self) -> float:
@@ -192,6 +212,8 @@ class AdaptDone:
     @property
     def gate_text(self) -> str:
         """The gate's evidence in words, for the user: which score, the adapter's and the source model's."""
+        if self.note:
+            return self.note
         return f"{self.gate} {self.gate_score:.4f} against the source model's {self.gate_source_score:.4f}"
 
 
@@ -201,7 +223,7 @@ class AdaptCancelled:
     seconds: float
 
 
-Report = StepReport | EpochReport | GateProgress | AdaptDone | AdaptCancelled
+Report = StepReport | EpochReport | GateProgress | CurveStep | AdaptDone | AdaptCancelled
 
 
 def slices_for(stack: np.ndarray, config: AdaptConfig) -> list[int]:
@@ -285,6 +307,9 @@ def adapt(
     """
     config.check()
     start = time.perf_counter()
+    if config.objective == INTENSITY_OBJECTIVE:
+        yield from _adapt_intensity(base, volume, config, name, should_stop, source, start)
+        return
     prior = None
     if config.objective in PRIOR_OBJECTIVES:  # before any work: a model without a prior cannot do these
         prior = ShapePrior.of_model(base)
@@ -433,6 +458,82 @@ def adapt(
         adapter, best_epoch, agreements, indices, seconds, scores, source_score, source_agreement, is_accepted,
         config.gate, gate_score, gate_source_score, segmentation,
     )  # fmt: skip
+
+
+def _adapt_intensity(
+    base: BaseModel,
+    volume: Volume,
+    config: AdaptConfig,
+    name: str,
+    should_stop: Callable[[], bool] | None,
+    source: Segmentation | None,
+    start: float,
+) -> Iterator[Report]:
+    """The ``intensity`` objective: ``--standardize auto``'s choice on ``volume``, kept as an intensity adapter.
+
+    Reports: the curve's fit (:class:`CurveStep`), then the segmentations the rule
+    compares (:class:`GateProgress`). The adapter holds the map the kept mask read
+    (:class:`~napari_convlora.intensity_map.IntensityCurve`; the identity when the
+    scan as it is was kept, and then the gate refuses it). The rule is the gate:
+    the adapter is accepted when a mask other than the plain one was kept.
+    """
+    landmarks = IntensityReference.of_model(base)  # before any work: InputError naming the model file
+    choosing = iter_plain_and_standardized(base, volume, None, config.device, should_stop, plain=source)
+    while True:
+        try:
+            report = next(choosing)
+        except StopIteration as finished:
+            choice = finished.value
+            break
+        if isinstance(report, SegmentProgress):
+            yield GateProgress(report.done, report.total, time.perf_counter() - start)
+        else:
+            yield report
+    if choice is None:
+        yield AdaptCancelled(0, time.perf_counter() - start)
+        return
+    geometry, scaled = plan(volume, base.intensity_scaling)
+    indices = select_slices(geometry.to_model(scaled), DISTANCE_SLICES)  # the slices the curve was fitted on
+    curve = _kept_map(choice, scaled, geometry, landmarks)
+    del scaled
+    plain_sure = mask_confidence(choice.plain.probability, choice.plain.mask)
+    kept_sure = mask_confidence(choice.kept.probability, choice.kept.mask)
+    seconds = time.perf_counter() - start
+    fit = choice.fit
+    metadata = new_metadata(
+        base,
+        name,
+        kind=INTENSITY_KIND,
+        objective=INTENSITY_OBJECTIVE,
+        input=choice.kept_input,
+        slices=indices,
+        gate="confidence",
+        gate_score=round(kept_sure, 5),
+        gate_source_score=round(plain_sure, 5),
+        accepted=choice.is_standardized,
+        note=choice.note,
+        seconds=round(seconds, 3),
+        **({"curve_distances": [round(fit.distance_before, 5), round(fit.distance_after, 5)]} if fit else {}),
+    )
+    metadata[CURVE_KEY] = curve.as_metadata()
+    yield AdaptDone(
+        Adapter({}, metadata), 1, [], indices, seconds, [kept_sure], plain_sure, float("nan"), choice.is_standardized,
+        "confidence", kept_sure, plain_sure, choice.kept, choice.note,
+    )  # fmt: skip
+
+
+def _kept_map(
+    choice: IntensityChoice, scaled: np.ndarray, geometry: SliceGeometry, landmarks: IntensityReference
+) -> IntensityCurve:
+    """The map of scaled intensities (``scaled``: the scan as the planner scales it) that the kept mask read."""
+    kept = choice.kept_input
+    if kept == "plain":
+        return IDENTITY
+    if kept == "curve":
+        assert choice.fit is not None  # a curve's mask comes with its fit
+        return choice.fit.curve
+    brain = geometry.to_ras(choice.standardized.mask) if kept == "brain" else None
+    return landmark_curve(scaled, landmarks, brain)
 
 
 def _volume_confidences(

@@ -3,7 +3,13 @@
 Two kinds of adapter wrap the frozen encoder convs: ``convlora`` (:class:`ConvLoRA`,
 a low-rank weight update, Aleem et al., ISBI 2024) and ``moe`` (:class:`ConvLoRAMoE`,
 Conv-LoRA with a mixture of scale experts inside the low-rank bottleneck, Zhong
-et al., ICLR 2024). Both start as exact no-ops.
+et al., ICLR 2024). Both start as exact no-ops. A third kind, ``intensity``,
+changes no weight: it holds the monotone map the scanner's scaled intensities
+go through before the frozen model reads them
+(:class:`~napari_convlora.intensity_map.IntensityCurve`, in the metadata; the
+file has no tensors). ``convlora adapt`` makes one by default
+(:mod:`napari_convlora.adapt`): on the simulated scanners it recovered more of
+the lost accuracy than any trained adapter (BENCHMARKS.md section 2).
 
 A :class:`ConvLoRA` wraps a frozen ``nn.Conv2d`` with weight W (C_out x C_in x k x k)
 and adds dW = (B @ A).view(W.shape) * alpha / r, with A of shape (r*k, C_in*k)
@@ -36,11 +42,15 @@ from torch import nn
 from . import __version__
 from .errors import InputError
 from .files import atomic_write
+from .intensity_map import IntensityCurve
 from .model import METADATA_KEY, BaseModel, UNet2D, check_tensors, read_metadata
 
 ADAPTER_FORMAT = "convlora-adapter"
 ADAPTER_FORMAT_VERSION = 1
-ADAPTER_KINDS = ("convlora", "moe")
+ADAPTER_KINDS = ("convlora", "moe")  # the kinds that wrap the encoder convs (adapt --kind)
+INTENSITY_KIND = "intensity"  # an intensity map, no weights
+FILE_KINDS = (*ADAPTER_KINDS, INTENSITY_KIND)
+CURVE_KEY = "intensity_curve"
 DEFAULT_EXPERTS = 8
 NOISE_EPSILON = 1e-2  # floor of the gate noise's standard deviation (Shazeer et al. 2017)
 BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -367,7 +377,17 @@ class Adapter:
         return bool(self.metadata.get("standardize", False))
 
     @property
+    def curve(self) -> IntensityCurve | None:
+        """The intensity map of an ``intensity`` adapter (None for the other kinds)."""
+        if self.metadata.get("kind") != INTENSITY_KIND:
+            return None
+        return IntensityCurve.from_metadata(self.metadata.get(CURVE_KEY), str(self.path or self.name or "adapter"))
+
+    @property
     def trainable_parameters(self) -> int:
+        """The numbers an adapter learnt: its tensors', or an intensity map's heights above the first."""
+        if self.curve is not None:
+            return len(self.curve.heights) - 1
         return int(sum(t.numel() for k, t in self.tensors.items() if k.rpartition(".")[2] in TRAINABLE_TENSORS))
 
 
@@ -409,6 +429,8 @@ def apply_adapter(base: BaseModel, adapter: Adapter | None, merge: bool = True) 
             f"not for this model {base.model_id[:12]}"
         )
     meta = adapter.metadata
+    if meta.get("kind") == INTENSITY_KIND:  # no weights: the planner maps the scan through its curve
+        return unet.eval()
     inject_adapters(unet, meta["kind"], int(meta["rank"]), float(meta["alpha"]), _experts(meta))
     load_adapter_state(unet, adapter)
     if merge:
@@ -437,8 +459,8 @@ def load_adapter_state(unet: UNet2D, adapter: Adapter) -> None:
 def new_metadata(
     base: BaseModel,
     name: str,
-    rank: int,
-    alpha: float,
+    rank: int | None = None,
+    alpha: float | None = None,
     description: str = "",
     kind: str = "convlora",
     experts: int = DEFAULT_EXPERTS,
@@ -446,7 +468,8 @@ def new_metadata(
 ) -> dict:
     """What an adapter file says about itself; ``description`` is free text for the sites it is shared with.
 
-    ``experts`` is recorded for ``moe`` adapters only: it decides their tensor shapes.
+    ``experts`` is recorded for ``moe`` adapters only: it decides their tensor shapes. ``rank`` and
+    ``alpha`` are left out of an ``intensity`` adapter's, which has no low-rank update.
     """
     return {
         "format": ADAPTER_FORMAT,
@@ -455,8 +478,7 @@ def new_metadata(
         **({"experts": experts} if kind == "moe" else {}),
         "name": name,
         "description": description,
-        "rank": rank,
-        "alpha": alpha,
+        **({"rank": rank, "alpha": alpha} if kind != INTENSITY_KIND else {}),
         "base_model_id": base.model_id,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "software_version": __version__,
@@ -495,19 +517,22 @@ def load_adapter(path: str | os.PathLike) -> Adapter:
 
 def _check_metadata(path: Path, metadata: dict) -> None:
     kind, rank, alpha, base_id = (metadata.get(k) for k in ("kind", "rank", "alpha", "base_model_id"))
-    if kind not in ADAPTER_KINDS:
-        raise InputError(f"{path}: adapter kind {kind!r} is not one this software reads ({', '.join(ADAPTER_KINDS)})")
+    if kind not in FILE_KINDS:
+        raise InputError(f"{path}: adapter kind {kind!r} is not one this software reads ({', '.join(FILE_KINDS)})")
+    if not isinstance(base_id, str) or len(base_id) != 64:
+        raise InputError(f"{path}: adapter metadata has no valid base_model_id")
+    for key in ("name", "description"):
+        if not isinstance(metadata.get(key, ""), str):
+            raise InputError(f"{path}: adapter metadata {key!r} must be text, got {metadata[key]!r}")
+    if kind == INTENSITY_KIND:
+        IntensityCurve.from_metadata(metadata.get(CURVE_KEY), str(path))
+        return
     if not _positive_int(rank):
         raise InputError(f"{path}: adapter rank must be a positive integer, got {rank!r}")
     if kind == "moe" and not _positive_int(metadata.get("experts")):
         raise InputError(f"{path}: moe adapter 'experts' must be a positive integer, got {metadata.get('experts')!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not (math.isfinite(alpha) and alpha > 0):
         raise InputError(f"{path}: adapter alpha must be a positive number, got {alpha!r}")
-    if not isinstance(base_id, str) or len(base_id) != 64:
-        raise InputError(f"{path}: adapter metadata has no valid base_model_id")
-    for key in ("name", "description"):
-        if not isinstance(metadata.get(key, ""), str):
-            raise InputError(f"{path}: adapter metadata {key!r} must be text, got {metadata[key]!r}")
 
 
 def _positive_int(value: object) -> bool:
@@ -517,6 +542,10 @@ def _positive_int(value: object) -> bool:
 def _check_adapter_tensors(path: Path, metadata: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Names, shapes and dtypes as the U-Net of the adapter's width, kind, rank (and experts) would have them."""
     kind = metadata["kind"]
+    if kind == INTENSITY_KIND:
+        if tensors:
+            raise InputError(f"{path}: an intensity adapter holds no tensors, this one has {sorted(tensors)[:3]}")
+        return
     expected = expected_adapter_tensors(_adapter_width(path, tensors), metadata["rank"], kind, _experts(metadata))
     check_tensors(path, tensors, expected, f"adapter tensors do not fit a U-Net with {kind} adapters")
     layers = sorted(k.removesuffix(".lora_A") for k in expected if k.endswith(".lora_A"))

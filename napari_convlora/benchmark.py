@@ -58,7 +58,8 @@ from .device import pick_device
 from .errors import InputError
 from .geometry import SliceGeometry, plan
 from .inference import input_reference, predict_logits, segment
-from .intensity_curve import KNOTS, IntensityCurve, fit_curve
+from .intensity_curve import KNOTS, fit_curve
+from .intensity_map import IntensityCurve
 from .metrics import evaluate
 from .model import BaseModel, UNet2D
 from .nifti import Volume

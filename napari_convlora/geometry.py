@@ -13,7 +13,6 @@ the input's voxel grid.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,12 +21,10 @@ from nibabel import orientations
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
+from .intensity_map import IntensityCurve
 from .morphology import opening
 from .nifti import Volume
 from .standardize import IntensityReference, standardize
-
-if TYPE_CHECKING:  # the curve's module reaches the network's; the planner needs only its apply()
-    from .intensity_curve import IntensityCurve
 
 PLANE_SPACING_MM = 1.0
 MULTIPLE = 8

@@ -22,7 +22,7 @@ from .adapters import Adapter, apply_adapter
 from .device import pick_device
 from .errors import InputError
 from .geometry import SliceGeometry, plan
-from .intensity_curve import IntensityCurve
+from .intensity_map import IntensityCurve
 from .model import BaseModel, UNet2D, fold_batch_norms
 from .morphology import dilate_cube, fill_holes, largest_component, opening
 from .nifti import Volume
@@ -220,7 +220,16 @@ def brain_box(geometry: SliceGeometry, coarse: np.ndarray, x_step: int) -> tuple
 
 
 def input_reference(base: BaseModel, adapter: Adapter | None, standardize: bool) -> IntensityReference | None:
-    """The landmarks a scan is standardised to before ``base`` (with ``adapter``) reads it, or None."""
+    """The landmarks a scan is standardised to before ``base`` (with ``adapter``) reads it, or None.
+
+    An intensity adapter's map replaces standardisation (it was chosen over it on
+    the scanner's scan), so with one asking for standardisation is an error.
+    """
+    if standardize and adapter is not None and adapter.curve is not None:
+        raise InputError(
+            f"{adapter.path or adapter.name}: this intensity adapter maps the scan's intensities itself; "
+            "segment with it without standardising"
+        )
     if standardize or (adapter is not None and adapter.standardizes):
         return IntensityReference.of_model(base)
     return None
@@ -258,7 +267,8 @@ def iter_segment(
     slices standardises whatever this says. ``brain``: a first segmentation's
     mask on the scan's grid; with standardisation its brain's landmarks are
     standardised too. ``curve``: an intensity curve learnt for this scan
-    (:mod:`napari_convlora.intensity_curve`), applied after any standardisation.
+    (:mod:`napari_convlora.intensity_curve`), applied after any standardisation;
+    an intensity adapter brings its own (then none may be given).
     """
     start = time.perf_counter()
     torch_device = pick_device(device)
@@ -267,6 +277,10 @@ def iter_segment(
     if not (np.isfinite(smooth_mm) and smooth_mm >= 0):
         raise InputError(f"the smoothing must be 0 or more mm, not {smooth_mm!r}")
     reference = input_reference(base, adapter, standardize)  # before any work: the model may have none
+    if adapter is not None and adapter.curve is not None:
+        if curve is not None:
+            raise ValueError("an intensity adapter brings its own curve; give no other")
+        curve = adapter.curve
     if brain is not None and (reference is None or brain.shape != volume.data.shape):
         raise ValueError("a brain mask needs standardisation and the scan's grid")
     unet = fold_batch_norms(apply_adapter(base, adapter))  # a copy: the base model is never touched

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .intensity_map import IntensityCurve
 from .model import UNet2D
 from .objectives import ReferenceDistance
 from .scanner_reference import ScannerReference
@@ -38,25 +39,6 @@ from .scanner_reference import ScannerReference
 KNOTS = 12  # equal pieces of [0, 1]; the curve's parameters
 STEPS = 60  # Adam steps on all the adaptation slices at once
 LR = 0.05
-
-
-@dataclass(frozen=True)
-class IntensityCurve:
-    """A piecewise-linear monotone map of scaled intensities: ``heights`` at 0, 1/K, ..., 1 (the first is 0)."""
-
-    heights: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        h = np.asarray(self.heights, dtype=np.float64)
-        if len(h) < 2 or not np.all(np.isfinite(h)) or h[0] != 0 or np.any(np.diff(h) < 0):
-            raise ValueError("an intensity curve needs two or more finite, non-decreasing heights from 0")
-
-    def apply(self, scaled: np.ndarray) -> np.ndarray:
-        """Map a scaled volume (values in [0, 1]) through the curve, in place, slab by slab (float32 stays)."""
-        knots = np.linspace(0.0, 1.0, len(self.heights))
-        for part in scaled:
-            part[...] = np.interp(part, knots, self.heights)
-        return scaled
 
 
 def _heights(theta: torch.Tensor) -> torch.Tensor:

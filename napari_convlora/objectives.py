@@ -1,7 +1,17 @@
 """Label-free adaptation objectives beyond the paper's early-head self-training.
 
-All of them train the same encoder adapters on the same handful of unlabeled
-target slices; they differ in what tells the adapters which way to move:
+All of them but the first train the same encoder adapters on the same handful
+of unlabeled target slices; they differ in what tells the adapters which way to move:
+
+- ``intensity`` (the default of ``convlora adapt`` and of the widget's Adapt):
+  no adapter is trained. The scan is read as it is, standardised to the training
+  heads' landmarks, and through an intensity curve learnt towards the model's
+  scanner reference; ``--standardize auto``'s rule keeps one
+  (:func:`napari_convlora.selection.iter_plain_and_standardized`), and the map
+  it read becomes an ``intensity`` adapter (:mod:`napari_convlora.intensity_map`).
+  It is the default because it recovered the most of the accuracy lost to the
+  simulated scanners without labels (BENCHMARKS.md section 2), where every
+  trained adapter recovered at most about a quarter.
 
 - ``feature-stats``: the target's per-channel mean and standard deviation at the
   input of every encoder batch norm should be the *source* statistics stored in
@@ -48,9 +58,12 @@ from .adapters import encoder_batchnorms
 from .model import UNet2D
 from .scanner_reference import ScannerReference
 
+INTENSITY_OBJECTIVE = "intensity"  # no adapter trained: the intensity map --standardize auto keeps
 OBJECTIVES = (
-    "early-head", "feature-stats", "pseudo-label", "stats+pseudo", "shape-prior", "stats+prior", "scanner-reference",
+    INTENSITY_OBJECTIVE, "early-head", "feature-stats", "pseudo-label", "stats+pseudo", "shape-prior", "stats+prior",
+    "scanner-reference",
 )  # fmt: skip
+DEFAULT_OBJECTIVE = INTENSITY_OBJECTIVE
 STATISTICS_OBJECTIVES = ("feature-stats", "stats+pseudo", "stats+prior")  # those with the feature-statistics loss
 PSEUDO_LABEL_OBJECTIVES = ("pseudo-label", "stats+pseudo")  # those with the pseudo-label loss
 PRIOR_OBJECTIVES = ("shape-prior", "stats+prior")  # those with the shape prior (the model must carry one)

@@ -181,10 +181,19 @@ class IntensityChoice(NamedTuple):
     note: str  # one line for the user: which was kept, with the confidences
     brain: Segmentation | None = None  # the brain's landmarks too (None: the model has none)
     curve: Segmentation | None = None  # through the learnt curve (None: no reference, no brain landmarks, an adapter)
+    fit: CurveFit | None = None  # that curve and its distances
 
     @property
     def is_standardized(self) -> bool:
         return self.kept is not self.plain
+
+    @property
+    def kept_input(self) -> str:
+        """Which input the kept mask read: "plain", "head", "brain" (standardised so far) or "curve"."""
+        for name, run in (("plain", self.plain), ("head", self.standardized), ("brain", self.brain)):
+            if self.kept is run:
+                return name
+        return "curve"
 
     @property
     def seconds(self) -> float:
@@ -285,7 +294,7 @@ def iter_plain_and_standardized(
         )
         if far is not None and curve_sure >= sure[0] and far[2] <= far[0]:
             chosen, note = curve, "intensities through the learnt curve"
-    return IntensityChoice(chosen, plain, standardized, f"{note} ({verdict})", brain, curve)
+    return IntensityChoice(chosen, plain, standardized, f"{note} ({verdict})", brain, curve, fit)
 
 
 def _iter_curve(

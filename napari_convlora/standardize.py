@@ -152,11 +152,17 @@ def learn_reference(
     return IntensityReference(values, sum(v is not None for v in landmarks), _mean(brains))
 
 
-def _remap(scaled: np.ndarray, found: np.ndarray, target: np.ndarray) -> None:
-    """Piecewise-linear, in place: ``found`` onto ``target``, (0, 0) below, slope 1 above the last (capped at 1)."""
+def remap_points(found: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The knots and heights of :func:`remap`'s map: ``found`` onto ``target``, (0, 0) below, slope 1 above."""
     xs = np.concatenate([[0.0], found, [1.0]])
     xs = np.maximum.accumulate(xs + np.arange(len(xs)) * 1e-7)  # ties (integer data) made strictly increasing
     ys = np.concatenate([[0.0], target, [min(1.0, target[-1] + 1.0 - found[-1])]])
+    return xs, ys
+
+
+def remap(scaled: np.ndarray, found: np.ndarray, target: np.ndarray) -> None:
+    """Piecewise-linear, in place: ``found`` onto ``target``, (0, 0) below, slope 1 above the last (capped at 1)."""
+    xs, ys = remap_points(found, target)
     for part in scaled:  # slab by slab: float32 stays float32, no float64 copy of the whole volume
         part[...] = np.interp(part, xs, ys)
     np.clip(scaled, 0.0, 1.0, out=scaled)
@@ -178,8 +184,8 @@ def standardize(scaled: np.ndarray, reference: IntensityReference, brain: np.nda
     found = head_landmarks(scaled)
     if found is None:
         return scaled
-    _remap(scaled, found, np.asarray(reference.values, dtype=np.float64))
+    remap(scaled, found, np.asarray(reference.values, dtype=np.float64))
     inner = None if brain is None else brain_landmarks(scaled, brain)
     if inner is not None:
-        _remap(scaled, inner, np.asarray(reference.brain, dtype=np.float64))
+        remap(scaled, inner, np.asarray(reference.brain, dtype=np.float64))
     return scaled

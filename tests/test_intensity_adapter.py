@@ -1,0 +1,101 @@
+"""The ``intensity`` objective: ``--standardize auto``'s choice kept as an adapter file that reproduces it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_convlora.adapt import AdaptCancelled, AdaptConfig, AdaptDone, adapt, run_adaptation
+from napari_convlora.adapters import load_adapter, save_adapter
+from napari_convlora.errors import InputError
+from napari_convlora.inference import segment
+from napari_convlora.intensity_curve import CurveStep
+from napari_convlora.intensity_map import IDENTITY
+from napari_convlora.model import load_model
+
+from .conftest import drive, with_scanner_reference
+
+
+@pytest.fixture(scope="module")
+def referenced(tmp_path_factory, model_file, small_volume):
+    return load_model(with_scanner_reference(model_file, tmp_path_factory.mktemp("ref") / "m.safetensors", small_volume))
+
+
+def _forced(monkeypatch, sure, far=(3.0, 2.0, 1.0)):
+    """Make auto's rule keep a chosen mask: the confidences (plain, head, brain, curve) and distances given."""
+    from napari_convlora import selection
+
+    values = iter(sure)
+    monkeypatch.setattr(selection, "mask_confidence", lambda probability, mask: next(values))
+    monkeypatch.setattr(selection, "input_distances", lambda *args, **kwargs: list(far))
+
+
+def test_the_default_objective_keeps_autos_choice_and_its_file_reproduces_the_mask(tmp_path, referenced, small_volume):
+    assert AdaptConfig().objective == "intensity"
+    reports, _ = drive(adapt(referenced, small_volume, AdaptConfig(device="cpu"), name="scanner-a"))
+    done = reports[-1]
+    assert isinstance(done, AdaptDone)
+    assert any(isinstance(r, CurveStep) for r in reports)
+    adapter = done.adapter
+    assert adapter.metadata["kind"] == "intensity" and adapter.tensors == {}
+    assert adapter.metadata["input"] in ("plain", "head", "brain", "curve")
+    assert done.accepted == (adapter.metadata["input"] != "plain")
+    assert done.gate_text == done.note and done.note.startswith("intensities")
+    loaded = load_adapter(save_adapter(adapter, tmp_path / "scanner-a.safetensors"))
+    assert loaded.curve == adapter.curve
+    again = segment(referenced, small_volume, loaded, device="cpu")
+    assert np.array_equal(again.mask, done.segmentation.mask)
+
+
+@pytest.mark.parametrize(
+    ("sure", "kept"),
+    [  # confidences plain, head step, brain step, curve (distances: the brain step nearest by more than the lead)
+        ((0.70, 0.70, 0.69, 0.69), "plain"),
+        ((0.60, 0.65, 0.59, 0.59), "head"),
+        ((0.70, 0.70, 0.71, 0.69), "brain"),
+        ((0.70, 0.70, 0.71, 0.70), "curve"),
+    ],
+)
+def test_the_adapter_holds_the_map_the_kept_mask_read(monkeypatch, referenced, small_volume, sure, kept):
+    _forced(monkeypatch, sure)
+    done = run_adaptation(referenced, small_volume, AdaptConfig(device="cpu"))
+    assert done.adapter.metadata["input"] == kept
+    assert done.accepted == (kept != "plain")
+    assert (done.adapter.curve == IDENTITY) == (kept == "plain")
+    # the map as one curve gives the mask the rule kept, read through standardisation's own steps
+    again = segment(referenced, small_volume, done.adapter, device="cpu")
+    agree = np.mean(again.mask == done.segmentation.mask)
+    assert agree > 0.999, agree
+    assert np.abs(again.probability - done.segmentation.probability).max() < 1e-3
+
+
+def test_a_model_without_landmarks_is_refused_by_name_before_any_work(tmp_path, model, small_volume):
+    model.path = tmp_path / "bare.safetensors"
+    with pytest.raises(InputError, match="bare.safetensors.*no intensity landmarks"):
+        next(adapt(model, small_volume, AdaptConfig(device="cpu")))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"kind": "moe"}, "trains none"), ({"standardize": True}, "leave out --standardize")],
+)
+def test_options_of_trained_adapters_are_refused_with_the_intensity_objective(options, message):
+    with pytest.raises(InputError, match=message):
+        AdaptConfig(objective="intensity", **options).check()
+
+
+def test_stopping_in_the_curve_fit_writes_nothing(referenced, small_volume):
+    asked = []
+    reports, _ = drive(
+        adapt(referenced, small_volume, AdaptConfig(device="cpu"), should_stop=lambda: asked.append(1) or len(asked) > 2)
+    )
+    assert isinstance(reports[-1], AdaptCancelled)
+    assert not any(isinstance(r, AdaptDone) for r in reports)
+
+
+def test_an_intensity_adapter_refuses_standardisation_on_top_of_its_map(tmp_path, monkeypatch, referenced, small_volume):
+    _forced(monkeypatch, (0.60, 0.65, 0.59, 0.59))
+    done = run_adaptation(referenced, small_volume, AdaptConfig(device="cpu"))
+    path = save_adapter(done.adapter, tmp_path / "head.safetensors")
+    with pytest.raises(InputError, match="head.safetensors: this intensity adapter maps"):
+        segment(referenced, small_volume, load_adapter(path), device="cpu", standardize=True)
