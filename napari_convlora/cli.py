@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .device import DEVICE_CHOICES
     from .geometry import INTENSITY_SCALINGS
     from .inference import PRECISIONS, SMOOTH_MM, TTA_MIRRORS
-    from .objectives import OBJECTIVES
+    from .objectives import DEFAULT_OBJECTIVE, OBJECTIVES
     from .selection import DEFAULT_GATE, GATES
     from .standardize import MODES as STANDARDIZE_MODES
 
@@ -124,7 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
-    p = sub.add_parser("adapt", help="train an adapter on unlabeled slices of a volume")
+    p = sub.add_parser(
+        "adapt",
+        help="make an adapter for a scanner from one of its scans, without labels",
+        description="Make an adapter for the scanner of INPUT, without labels. By default (--objective intensity) "
+        "the adapter is an intensity map: the scan as it is, standardised, or through a learnt curve, kept by the "
+        "rule of `segment --standardize auto`; no weight is trained. The other objectives train ConvLoRA "
+        "adapters on a handful of slices; --slices, --epochs, --lr, --rank, --kind, --experts, --no-adabn, "
+        "--standardize, --selection and --gate are theirs.",
+    )
     p.add_argument("input", type=Path)
     p.add_argument("--name", help="adapter name (default: the input file's name)")
     p.add_argument("--description", default="", help="free text stored in the adapter, e.g. scanner and protocol")
@@ -153,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--objective",
         choices=OBJECTIVES,
-        default="early-head",
-        help="label-free training objective (early-head: the paper's; see BENCHMARKS.md section 2)",
+        default=DEFAULT_OBJECTIVE,
+        help=f"label-free objective (default {DEFAULT_OBJECTIVE}: an intensity map, no weights trained; "
+        "early-head: the paper's ConvLoRA + AdaBN; see BENCHMARKS.md section 2)",
     )
     p.add_argument(
         "--selection",
@@ -479,6 +488,7 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
     from .adapt import AdaptCancelled, AdaptConfig, AdaptDone, EpochReport, StepReport, adapt
     from .adapters import DEFAULT_EXPERTS, save_adapter
     from .files import check_output_path
+    from .intensity_curve import CurveStep
     from .library import ADAPTER_SUFFIX, check_name, user_adapter_path
     from .nifti import load_volume, nifti_stem
 
@@ -514,6 +524,10 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
                 bar.total = report.total_steps
                 bar.set_postfix(epoch=f"{report.epoch}/{report.epochs}", loss=f"{report.loss:.4f}", refresh=False)
                 bar.update(1)
+            elif isinstance(report, CurveStep) and bar is not None:
+                bar.total = report.steps
+                bar.set_postfix(distance=f"{report.distance:.3f}", refresh=False)
+                bar.update(1)
             elif isinstance(report, EpochReport) and bar is not None:
                 bar.write(
                     f"epoch {report.epoch}/{report.epochs}: loss {report.loss:.4f}, "
@@ -545,7 +559,8 @@ def cmd_adapt(args: argparse.Namespace) -> dict:
         "source_score": round(done.source_score, 5),
         "objective": args.objective,
         "name": name,
-        "kind": args.kind,
+        "kind": done.adapter.metadata["kind"],
+        "input": done.adapter.metadata.get("input"),  # objective intensity: the map kept (plain, head, brain, curve)
         "trainable_parameters": done.adapter.trainable_parameters,
         "seconds": round(done.seconds, 3),
         "best_epoch": done.best_epoch,

@@ -25,7 +25,7 @@ from napari_convlora.errors import InputError
 from napari_convlora.inference import segment
 from napari_convlora.selection import confidence_margin, mask_confidence
 
-QUICK = AdaptConfig(slices=4, epochs=2, batch_size=2, lr=1e-3, seed=0, device="cpu")
+QUICK = AdaptConfig(objective="early-head", slices=4, epochs=2, batch_size=2, lr=1e-3, seed=0, device="cpu")
 
 
 def test_reports_in_order_and_a_usable_adapter(model, small_volume):

@@ -43,7 +43,7 @@ def test_statistics_fit_is_one_on_the_statistics_it_stores_and_lower_elsewhere(s
 def test_stats_pick_the_adapter_of_the_scans_own_scanner(tmp_path, small_volume, inverted):
     torch.set_num_threads(1)
     base = make_model()
-    config = AdaptConfig(slices=4, epochs=1, device="cpu")
+    config = AdaptConfig(objective="early-head", slices=4, epochs=1, device="cpu")
     plain = save_adapter(run_adaptation(base, small_volume, config, "a").adapter, tmp_path / "plain.safetensors")
     flipped = save_adapter(run_adaptation(base, inverted, config, "b").adapter, tmp_path / "flipped.safetensors")
     # named by file (the library name), not by the name inside the file
@@ -58,9 +58,13 @@ def test_stats_pick_the_adapter_of_the_scans_own_scanner(tmp_path, small_volume,
 def test_agreement_criterion_scores_every_candidate_and_skips_foreign_ones(tmp_path, small_volume):
     torch.set_num_threads(1)
     base = make_model()
-    adapted = run_adaptation(base, small_volume, AdaptConfig(slices=3, epochs=2, lr=1e-2, device="cpu"), name="mine")
+    adapted = run_adaptation(
+        base, small_volume, AdaptConfig(objective="early-head", slices=3, epochs=2, lr=1e-2, device="cpu"), name="mine"
+    )
     mine = save_adapter(adapted.adapter, tmp_path / "mine.safetensors")
-    foreign = run_adaptation(make_model(seed=1), small_volume, AdaptConfig(slices=1, epochs=1, device="cpu"), "other")
+    foreign = run_adaptation(
+        make_model(seed=1), small_volume, AdaptConfig(objective="early-head", slices=1, epochs=1, device="cpu"), "other"
+    )
     other = save_adapter(foreign.adapter, tmp_path / "other.safetensors")
 
     choice = choose_adapter(base, small_volume, [mine, other, mine], device="cpu", slices=4, criterion="agreement")
@@ -88,7 +92,9 @@ def test_unknown_criterion_is_refused(small_volume):
 def test_consistency_criterion_is_the_gates_score_and_the_source_keeps_the_margin(tmp_path, small_volume, monkeypatch):
     torch.set_num_threads(1)
     base = make_model()
-    adapted = run_adaptation(base, small_volume, AdaptConfig(slices=3, epochs=2, lr=1e-2, device="cpu"), name="mine")
+    adapted = run_adaptation(
+        base, small_volume, AdaptConfig(objective="early-head", slices=3, epochs=2, lr=1e-2, device="cpu"), name="mine"
+    )
     mine = save_adapter(adapted.adapter, tmp_path / "mine.safetensors")
     choice = choose_adapter(base, small_volume, [mine], device="cpu", slices=4, criterion="consistency")
     _, images = _images(small_volume, 4)
@@ -111,7 +117,9 @@ def test_consistency_criterion_is_the_gates_score_and_the_source_keeps_the_margi
 def test_a_pick_is_kept_only_if_its_mask_is_more_confident(monkeypatch, small_volume, adapter_sure):
     torch.set_num_threads(1)
     base = make_model()
-    adapted = run_adaptation(base, small_volume, AdaptConfig(slices=3, epochs=1, device="cpu"), name="mine")
+    adapted = run_adaptation(
+        base, small_volume, AdaptConfig(objective="early-head", slices=3, epochs=1, device="cpu"), name="mine"
+    )
     choice = choose.AutoChoice(adapted.adapter, "mine", {SOURCE: 0.5, "mine": 0.9}, criterion="stats")
     calls = []
 

@@ -120,6 +120,8 @@ def test_adapt_to_library_then_segment_by_name(capsys, tmp_path, small_path, mod
         2,
         "--epochs",
         1,
+        "--objective",
+        "early-head",
         "--json",
     )
     assert code == 0, err
@@ -165,7 +167,20 @@ def test_adapt_to_library_then_segment_by_name(capsys, tmp_path, small_path, mod
 def test_adapt_to_explicit_path(capsys, tmp_path, small_path, model_file):
     target = tmp_path / "a.safetensors"
     code, out, err = run(
-        capsys, "adapt", small_path, "-o", target, "--model", model_file, "--slices", 2, "--epochs", 1, "--json"
+        capsys,
+        "adapt",
+        small_path,
+        "-o",
+        target,
+        "--model",
+        model_file,
+        "--slices",
+        2,
+        "--epochs",
+        1,
+        "--objective",
+        "early-head",
+        "--json",
     )
     assert code == 0, err
     assert Path(_one_json(out)["adapter"]) == target and target.exists()
@@ -180,7 +195,21 @@ def test_adapt_without_adabn_keeps_the_source_statistics(capsys, tmp_path, small
     from napari_convlora.model import load_model
 
     target = tmp_path / "a.safetensors"
-    argv = ["adapt", small_path, "-o", target, "--model", model_file, "--slices", 2, "--epochs", 1, "--no-adabn"]
+    argv = [
+        "adapt",
+        small_path,
+        "-o",
+        target,
+        "--model",
+        model_file,
+        "--slices",
+        2,
+        "--epochs",
+        1,
+        "--objective",
+        "early-head",
+        "--no-adabn",
+    ]
     code, _, err = run(capsys, *argv)
     assert code == 0, err
     adapter = load_adapter(target)
@@ -194,7 +223,20 @@ def test_adapt_moe_kind_then_segment_with_it(capsys, tmp_path, small_path, model
     from napari_convlora.adapters import load_adapter
 
     target = tmp_path / "m.safetensors"
-    argv = ["adapt", small_path, "-o", target, "--model", model_file, "--slices", 2, "--epochs", 1]
+    argv = [
+        "adapt",
+        small_path,
+        "-o",
+        target,
+        "--model",
+        model_file,
+        "--slices",
+        2,
+        "--epochs",
+        1,
+        "--objective",
+        "early-head",
+    ]
     code, out, err = run(capsys, *argv, "--kind", "moe", "--experts", 2, "--json")
     assert code == 0, err
     result = _one_json(out)
@@ -302,7 +344,19 @@ def test_refuses_an_adapter_made_for_another_base_model(capsys, tmp_path, small_
     other = tmp_path / "other_model.safetensors"
     save_model(make_model(4, seed=9), other)
     code, _, err = run(
-        capsys, "adapt", small_path, "-o", tmp_path / "a.safetensors", "--model", other, "--slices", 2, "--epochs", 1
+        capsys,
+        "adapt",
+        small_path,
+        "-o",
+        tmp_path / "a.safetensors",
+        "--model",
+        other,
+        "--slices",
+        2,
+        "--epochs",
+        1,
+        "--objective",
+        "early-head",
     )
     assert code == 0, err
     _expect_input_error(

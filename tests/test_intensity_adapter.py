@@ -18,7 +18,8 @@ from .conftest import drive, with_scanner_reference
 
 @pytest.fixture(scope="module")
 def referenced(tmp_path_factory, model_file, small_volume):
-    return load_model(with_scanner_reference(model_file, tmp_path_factory.mktemp("ref") / "m.safetensors", small_volume))
+    out = tmp_path_factory.mktemp("ref") / "m.safetensors"
+    return load_model(with_scanner_reference(model_file, out, small_volume))
 
 
 def _forced(monkeypatch, sure, far=(3.0, 2.0, 1.0)):
@@ -71,7 +72,7 @@ def test_the_adapter_holds_the_map_the_kept_mask_read(monkeypatch, referenced, s
 
 def test_a_model_without_landmarks_is_refused_by_name_before_any_work(tmp_path, model, small_volume):
     model.path = tmp_path / "bare.safetensors"
-    with pytest.raises(InputError, match="bare.safetensors.*no intensity landmarks"):
+    with pytest.raises(InputError, match=r"bare\.safetensors.*no intensity landmarks"):
         next(adapt(model, small_volume, AdaptConfig(device="cpu")))
 
 
@@ -86,16 +87,21 @@ def test_options_of_trained_adapters_are_refused_with_the_intensity_objective(op
 
 def test_stopping_in_the_curve_fit_writes_nothing(referenced, small_volume):
     asked = []
-    reports, _ = drive(
-        adapt(referenced, small_volume, AdaptConfig(device="cpu"), should_stop=lambda: asked.append(1) or len(asked) > 2)
-    )
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    reports, _ = drive(adapt(referenced, small_volume, AdaptConfig(device="cpu"), should_stop=stop))
     assert isinstance(reports[-1], AdaptCancelled)
     assert not any(isinstance(r, AdaptDone) for r in reports)
 
 
-def test_an_intensity_adapter_refuses_standardisation_on_top_of_its_map(tmp_path, monkeypatch, referenced, small_volume):
+def test_an_intensity_adapter_refuses_standardisation_on_top_of_its_map(
+    tmp_path, monkeypatch, referenced, small_volume
+):
     _forced(monkeypatch, (0.60, 0.65, 0.59, 0.59))
     done = run_adaptation(referenced, small_volume, AdaptConfig(device="cpu"))
     path = save_adapter(done.adapter, tmp_path / "head.safetensors")
-    with pytest.raises(InputError, match="head.safetensors: this intensity adapter maps"):
+    with pytest.raises(InputError, match=r"head\.safetensors: this intensity adapter maps"):
         segment(referenced, small_volume, load_adapter(path), device="cpu", standardize=True)

@@ -266,6 +266,8 @@ def test_adapt_records_a_description_that_the_library_shows(capsys, small_path, 
         2,
         "--epochs",
         1,
+        "--objective",
+        "early-head",
     )
     assert code == 0, err
     shown = run_json(capsys, "adapters", "show", "site-c", "--model", model_file)

@@ -39,7 +39,9 @@ def test_adapt_job_stopped_before_it_starts_writes_nothing(tmp_path, monkeypatch
     monkeypatch.setenv("CONVLORA_HOME", str(tmp_path))
     stop = threading.Event()
     stop.set()
-    job = jobs.adapt_job(model_file, small_volume, AdaptConfig(slices=2, epochs=1, device="cpu"), "never", stop)
+    job = jobs.adapt_job(
+        model_file, small_volume, AdaptConfig(objective="early-head", slices=2, epochs=1, device="cpu"), "never", stop
+    )
     with pytest.raises(StopIteration) as end:
         next(job)
     assert end.value.value is None
@@ -74,7 +76,7 @@ def test_a_source_segmentation_is_made_once_for_segment_and_the_gate(tmp_path, m
     other = type(small_volume)(small_volume.data.copy(), small_volume.affine, small_volume.header)
     other.data[0, 0, 0] += 1.0
     assert jobs.known_source(model_file, other, "cpu") is None
-    config = AdaptConfig(slices=2, epochs=1, device="cpu")
+    config = AdaptConfig(objective="early-head", slices=2, epochs=1, device="cpu")
     reports, result = drive(jobs.adapt_job(model_file, small_volume, config, "reuse", threading.Event()))
     gate = [r for r in reports if isinstance(r, GateProgress)]
     assert gate and gate[-1].total == one_run  # only the adapter's run: the source model's was reused

@@ -249,7 +249,7 @@ def test_errors_become_notifications(viewer_widget, qtbot, tmp_path, monkeypatch
     done = run_adaptation(
         make_model(seed=1),
         load_volume(widget.viewer.layers["head4mm"].metadata["nifti_path"]),
-        AdaptConfig(slices=1, epochs=1, device="cpu"),
+        AdaptConfig(objective="early-head", slices=1, epochs=1, device="cpu"),
         name="other",
     )
     from napari_convlora.adapters import save_adapter

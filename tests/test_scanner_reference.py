@@ -110,7 +110,7 @@ def test_auto_with_references_names_the_scanner_and_says_how(tmp_path, small_vol
     torch.set_num_threads(1)
     base = make_model()
     inverted = replace(small_volume, data=small_volume.data.max() - small_volume.data)
-    config = AdaptConfig(slices=4, epochs=1, device="cpu")
+    config = AdaptConfig(objective="early-head", slices=4, epochs=1, device="cpu")
 
     def with_reference(unet, volume):
         """Two "heads" of one scanner: the 4 slices auto reads, and 6 slices of the same volume."""
@@ -174,7 +174,9 @@ def test_the_script_writes_references_and_leaves_weights_and_tensors_alone(
     model_path = tmp_path / "model.safetensors"
     base = make_model()
     before = save_model(base, model_path, training={"command": "tests"})
-    adapter = run_adaptation(base, small_volume, AdaptConfig(slices=2, epochs=1, device="cpu"), "ge-1.5t").adapter
+    adapter = run_adaptation(
+        base, small_volume, AdaptConfig(objective="early-head", slices=2, epochs=1, device="cpu"), "ge-1.5t"
+    ).adapter
     adapter_path = save_adapter(adapter, tmp_path / "ge-1.5t.safetensors")
     command = [sys.executable, str(SCRIPT), str(model_path), str(adapter_path), "--heads", str(heads), "--pool"]
     done = subprocess.run([*command, "one", "two"], capture_output=True, text=True, timeout=600)

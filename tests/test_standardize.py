@@ -199,7 +199,7 @@ def test_an_adapter_adapted_on_standardised_slices_says_so_and_standardises(mode
     from napari_convlora.adapt import AdaptConfig, run_adaptation
 
     base = load_model(model_file)
-    config = AdaptConfig(slices=2, epochs=1, device="cpu", gate="consistency", standardize=True)
+    config = AdaptConfig(objective="early-head", slices=2, epochs=1, device="cpu", gate="consistency", standardize=True)
     adapter = run_adaptation(base, small_volume, config).adapter
     assert adapter.metadata["standardize"] is True and adapter.standardizes
     unflagged = Adapter(adapter.tensors, {**adapter.metadata, "standardize": False})
@@ -215,7 +215,9 @@ def test_cli_adapt_standardize_on_a_model_without_landmarks_fails_cleanly(
     old = tmp_path / "old.safetensors"
     save_model(model, old, training={"command": "tests: random weights"})
     out = tmp_path / "a.safetensors"
-    code = main(["adapt", str(small_path), "-o", str(out), "--model", str(old), "--standardize"])
+    code = main(
+        ["adapt", str(small_path), "-o", str(out), "--model", str(old), "--standardize", "--objective", "early-head"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "no intensity landmarks" in err and str(old) in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
