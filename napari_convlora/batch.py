@@ -151,8 +151,12 @@ def check_standardize(standardize: str, adapter: str) -> None:
     """Refuse a standardisation choice that cannot run with ``adapter`` before any scan is read."""
     if standardize not in MODES:
         raise InputError(f"standardize must be one of {', '.join(MODES)}, not {standardize!r}")
-    if standardize == "auto" and adapter in ("auto", "adapt"):
+    if standardize == "auto" and adapter == "auto":
         raise InputError(f"--standardize auto and --adapter {adapter}: standardise on or off with this adapter choice")
+    if standardize != "off" and adapter == "adapt":
+        raise InputError(
+            f"--standardize {standardize} and --adapter adapt: adapting chooses the standardisation itself"
+        )
 
 
 def _segment(
@@ -160,11 +164,11 @@ def _segment(
 ) -> tuple[object, object, str, bool]:
     """(volume, Segmentation, adapter label, standardised?) of one scan, by its adapter choice.
 
-    ``tta`` mirror views per slice. With ``adapt`` the gate decides on plain
-    segmentations; with ``tta`` > 1 the kept model then segments once more with
-    the mirror views. ``standardize`` as ``convlora segment --standardize``
-    (``on`` with ``adapt``: the adapter adapts on standardised slices; refused,
-    the source model's mask as the gate saw it, not standardised).
+    ``tta`` mirror views per slice. With ``adapt`` the scan gets an adapter of
+    adapt's default objective (an intensity map, kept by ``--standardize auto``'s
+    rule on plain segmentations; "standardised?" says whether it maps the scan at
+    all); with ``tta`` > 1 the kept model then segments once more with the mirror
+    views. ``standardize`` as ``convlora segment --standardize`` (off with ``adapt``).
     """
     from .adapt import AdaptConfig, run_adaptation
     from .adapters import save_adapter
@@ -180,13 +184,13 @@ def _segment(
     on = standardize == "on"
     if scan.adapter == "adapt":  # the gate weighs the adapter against the source model as it is, as adapt does
         source = segment(base, volume, device=device)
-        done = run_adaptation(base, volume, AdaptConfig(device=device, standardize=on), name=scan.name, source=source)
+        done = run_adaptation(base, volume, AdaptConfig(device=device), name=scan.name, source=source)
         if done.accepted and done.segmentation is not None:
             path = Path(adapters_dir) / f"{scan.name}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
             save_adapter(done.adapter, path, overwrite=True)  # a rerun of a scan that died after this line
             result = done.segmentation if tta == 1 else segment(base, volume, done.adapter, device=device, tta=tta)
-            return volume, result, str(path), on
+            return volume, result, str(path), done.adapter.metadata.get("input", "plain") != "plain"
         result = source if tta == 1 else segment(base, volume, device=device, tta=tta)
         return volume, result, "none (adaptation refused by the gate)", False
     if scan.adapter == "auto":

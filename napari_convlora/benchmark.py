@@ -63,7 +63,7 @@ from .intensity_map import IntensityCurve
 from .metrics import evaluate
 from .model import BaseModel, UNet2D
 from .nifti import Volume
-from .objectives import PRIOR_OBJECTIVES, REFERENCE_OBJECTIVES
+from .objectives import INTENSITY_OBJECTIVE, PRIOR_OBJECTIVES, REFERENCE_OBJECTIVES
 from .scanner_reference import reference_from_metadata, required_reference
 from .selection import (
     GATE_MARGIN,
@@ -102,6 +102,8 @@ METHODS: dict[str, str] = {
     "standardize-brain": "as standardize, then the brain's landmarks too, under the standardised mask",
     "standardize+convlora+adabn": "ConvLoRA + AdaBN (as convlora+adabn) on standardised slices",
     "curve": "source model on the scan through a monotone intensity curve learnt towards its scanner reference",
+    "intensity": "the default of adapt: the intensity map --standardize auto keeps (plain, standardised, curve), "
+    "as an intensity adapter",
 }
 STANDARDIZED = "standardize+"  # a method name that starts so runs the adapter method after it on standardised slices
 ORACLE_EPOCH_FACTOR = 4  # the oracle trains 4x the epochs (at 1e-3 instead of 1e-4 it wrecked the model: 0.24)
@@ -229,6 +231,12 @@ def adapt_with(base: BaseModel, volume: Volume, mask: Volume, method: str, confi
         assert fit is not None  # nothing stops it
         seconds = time.perf_counter() - start
         return Adapted(base, KNOTS, seconds, curve=fit.curve, distances=(fit.distance_before, fit.distance_after))
+    if method == "intensity":  # the adapter file's map, as a user applying it gets it
+        done = run_adaptation(base, volume, replace(config, objective=INTENSITY_OBJECTIVE, standardize=False), method)
+        meta = done.adapter.metadata
+        distances = tuple(meta["curve_distances"]) if meta["input"] == "curve" else None
+        return Adapted(base, done.adapter.trainable_parameters, done.seconds, curve=done.adapter.curve,
+                       distances=distances)  # fmt: skip
     standardized = method.startswith(STANDARDIZED)
     if method.removeprefix(STANDARDIZED) in ADAPTER_METHODS:
         kind, objective, adabn, selection = ADAPTER_METHODS[method.removeprefix(STANDARDIZED)]

@@ -222,14 +222,13 @@ def brain_box(geometry: SliceGeometry, coarse: np.ndarray, x_step: int) -> tuple
 def input_reference(base: BaseModel, adapter: Adapter | None, standardize: bool) -> IntensityReference | None:
     """The landmarks a scan is standardised to before ``base`` (with ``adapter``) reads it, or None.
 
-    An intensity adapter's map replaces standardisation (it was chosen over it on
-    the scanner's scan), so with one asking for standardisation is an error.
+    None with an intensity adapter, whatever ``standardize`` says: its map (chosen
+    on the scanner's scan among the scan as it is, standardised, or a learnt curve)
+    is how it brings a scan to the model, as an adapter adapted on standardised
+    slices standardises whatever ``standardize`` says.
     """
-    if standardize and adapter is not None and adapter.curve is not None:
-        raise InputError(
-            f"{adapter.path or adapter.name}: this intensity adapter maps the scan's intensities itself; "
-            "segment with it without standardising"
-        )
+    if adapter is not None and adapter.curve is not None:
+        return None
     if standardize or (adapter is not None and adapter.standardizes):
         return IntensityReference.of_model(base)
     return None
@@ -264,7 +263,8 @@ def iter_segment(
     threshold; 0 thresholds the network's probability as it is. ``standardize``:
     map the scan's intensity landmarks onto the model's training heads'
     (:mod:`napari_convlora.standardize`); an adapter adapted on standardised
-    slices standardises whatever this says. ``brain``: a first segmentation's
+    slices standardises whatever this says, an intensity adapter maps the scan
+    its own way whatever this says (:func:`input_reference`). ``brain``: a first segmentation's
     mask on the scan's grid; with standardisation its brain's landmarks are
     standardised too. ``curve``: an intensity curve learnt for this scan
     (:mod:`napari_convlora.intensity_curve`), applied after any standardisation;

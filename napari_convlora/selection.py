@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from .adapters import Adapter
 from .device import pick_device
+from .errors import InputError
 from .geometry import plan, select_slices
 from .inference import Segmentation, SegmentProgress, input_reference, iter_segment
 from .intensity_curve import CurveFit, CurveStep, iter_fit_curve
@@ -247,6 +248,11 @@ def iter_plain_and_standardized(
     ``plain``: the scan's segmentation as it is (same model, adapter, device and
     options), if the caller has it; then it is not made again. None if stopped.
     """
+    if adapter is not None and adapter.curve is not None:
+        raise InputError(
+            f"{adapter.path or adapter.name}: an intensity adapter maps the scan's intensities its own way; "
+            "there is nothing for --standardize auto to choose"
+        )
     brain_step = input_reference(base, adapter, True).brain is not None
     # read before any work: a broken reference is the user's error, named with the file
     reference = None

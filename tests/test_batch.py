@@ -314,21 +314,12 @@ def test_a_table_begun_by_an_older_version_keeps_its_columns(tmp_path):
     assert pd.read_parquet(ResultsTable(new).write_parquet())["standardized"].tolist() == [True]
 
 
-def test_adapting_on_standardised_slices(tmp_path, small_path, model_file, monkeypatch):
-    """--adapter adapt --standardize: the adapter reads standardised slices (and says so); the gate's source, not."""
-    from napari_convlora import adapt, geometry, inference
-    from napari_convlora.adapters import load_adapter
+def test_adapting_per_scan_chooses_the_standardisation_itself(tmp_path, small_path, model_file):
+    """--adapter adapt makes an intensity adapter (adapt's default), which chooses the standardisation: asking for
+    one as well is refused for the scan, and no mask or adapter is written."""
     from napari_convlora.batch import Scan, process_scan
 
-    seen, plan = [], geometry.plan
-    for module in (inference, adapt):
-        monkeypatch.setattr(module, "plan", lambda v, s, ref=None, *brain: seen.append(ref) or plan(v, s, ref, *brain))
     scan = Scan("head4mm", str(small_path), str(tmp_path / "m.nii.gz"), None, "adapt")
     row = process_scan(scan, str(model_file), "cpu", 1, str(tmp_path / "adapters"), 1, "on")
-    assert row["status"] == "ok", row["error"]
-    assert seen[0] is None and seen[1:] and all(r is not None for r in seen[1:])  # the gate's source mask is plain
-    if row["adapter"] != "none (adaptation refused by the gate)":
-        assert row["standardized"] is True
-        assert load_adapter(tmp_path / "adapters" / "head4mm.safetensors").standardizes
-    else:
-        assert row["standardized"] is False
+    assert row["status"] == "error" and "adapting chooses the standardisation itself" in row["error"]
+    assert not (tmp_path / "m.nii.gz").exists() and not (tmp_path / "adapters").exists()

@@ -55,6 +55,12 @@ def test_quick_benchmark_runs_every_method_on_source_and_one_target(quick_run, c
     # the curve: its knots are what it trains, and it records how near it brought the scan to the reference
     curve = by["philips-3t", "curve"]
     assert curve["trainable_parameters"] == KNOTS and curve["distance"] <= curve["source_distance"]
+    # adapt's default: one of the masks --standardize auto compares, read through the adapter's map
+    intensity = by["philips-3t", "intensity"]
+    candidates = [by["philips-3t", m]["surface_dice"] for m in ("source", "standardize", "standardize-brain")]
+    assert intensity["adapt_seconds"] > 0 and intensity["trainable_parameters"] >= 1
+    if intensity["distance"] is None:  # a landmark map or none was kept, not the curve
+        assert min(abs(intensity["surface_dice"] - c) for c in candidates) <= 0.005
     table = (out / "table.md").read_text()
     assert table.splitlines()[0].startswith("| profile | gap | source | adabn |")
     assert "| philips-3t |" in table and "trainable parameters" in table

@@ -97,11 +97,16 @@ def test_stopping_in_the_curve_fit_writes_nothing(referenced, small_volume):
     assert not any(isinstance(r, AdaptDone) for r in reports)
 
 
-def test_an_intensity_adapter_refuses_standardisation_on_top_of_its_map(
+def test_an_intensity_adapter_maps_the_scan_its_own_way_whatever_standardisation_says(
     tmp_path, monkeypatch, referenced, small_volume
 ):
+    from napari_convlora.selection import iter_plain_and_standardized
+
     _forced(monkeypatch, (0.60, 0.65, 0.59, 0.59))
     done = run_adaptation(referenced, small_volume, AdaptConfig(device="cpu"))
-    path = save_adapter(done.adapter, tmp_path / "head.safetensors")
-    with pytest.raises(InputError, match=r"head\.safetensors: this intensity adapter maps"):
-        segment(referenced, small_volume, load_adapter(path), device="cpu", standardize=True)
+    adapter = load_adapter(save_adapter(done.adapter, tmp_path / "head.safetensors"))
+    alone = segment(referenced, small_volume, adapter, device="cpu")
+    asked = segment(referenced, small_volume, adapter, device="cpu", standardize=True)
+    assert np.array_equal(alone.probability, asked.probability)
+    with pytest.raises(InputError, match=r"head\.safetensors: an intensity adapter maps .* nothing for"):
+        drive(iter_plain_and_standardized(referenced, small_volume, adapter, device="cpu"))

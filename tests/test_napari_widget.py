@@ -121,6 +121,7 @@ def test_adapt_with_the_moe_kind(viewer_widget, qtbot, tmp_path):
     widget.controls.kind_combo.setCurrentText("moe")
     widget.controls.adabn_check.setChecked(False)
     widget.controls.slices_spin.setValue(2)
+    widget.controls.objective_combo.setCurrentText("early-head")
     widget.controls.epochs_spin.setValue(1)
     widget.controls.name_edit.setText("scanner-m")
     widget.controls.adapt_button.click()
@@ -131,9 +132,38 @@ def test_adapt_with_the_moe_kind(viewer_widget, qtbot, tmp_path):
     assert "mask: scanner-m" in viewer.layers
 
 
+def test_adapt_by_default_keeps_an_intensity_map_and_greys_out_training_settings(
+    viewer_widget, qtbot, tmp_path, monkeypatch, model_file
+):
+    from napari_convlora import selection
+    from napari_convlora.inference import segment
+
+    viewer, widget = viewer_widget
+    c = widget.controls
+    assert c.objective_combo.currentText() == "intensity"
+    assert not any(w.isEnabled() for w in (c.slices_spin, c.epochs_spin, c.lr_spin, c.kind_combo, c.adabn_check))
+    c.objective_combo.setCurrentText("early-head")
+    assert c.epochs_spin.isEnabled() and c.kind_combo.isEnabled()
+    c.objective_combo.setCurrentText("intensity")
+    sure = iter((0.60, 0.65, 0.59))  # plain, head step, brain step: the head step passes the gate (no reference)
+    monkeypatch.setattr(selection, "mask_confidence", lambda probability, mask: next(sure))
+    c.name_edit.setText("scanner-i")
+    c.adapt_button.click()
+    _wait_idle(qtbot, widget)
+    path = tmp_path / "home" / "adapters" / "scanner-i.safetensors"
+    adapter = load_adapter(path)
+    assert adapter.metadata["kind"] == "intensity" and adapter.metadata["input"] == "head" and not adapter.tensors
+    assert "an intensity map, intensities standardised, head" in c.adapt_status.text()
+    assert c.adapter_combo.currentText() == "scanner-i"
+    volume = load_volume(viewer.layers["head4mm"].source.path)
+    expected = segment(load_model(model_file), volume, adapter, device="cpu")  # the map as one curve: the same mask
+    assert np.mean(viewer.layers["mask: scanner-i"].data == expected.mask) > 0.999
+
+
 def test_adapt_saves_selects_and_segments(viewer_widget, qtbot, tmp_path, model_file):
     viewer, widget = viewer_widget
     widget.controls.slices_spin.setValue(2)
+    widget.controls.objective_combo.setCurrentText("early-head")
     widget.controls.epochs_spin.setValue(1)
     widget.controls.name_edit.setText("scanner-b")
     before = load_model(model_file).model_id
@@ -189,6 +219,7 @@ def test_an_adapter_the_gate_rejects_is_not_saved_or_used_and_the_user_is_told(
     warnings = []
     monkeypatch.setattr("napari_convlora._napari.widget.show_warning", warnings.append)
     widget.controls.slices_spin.setValue(2)
+    widget.controls.objective_combo.setCurrentText("early-head")
     widget.controls.epochs_spin.setValue(1)
     widget.controls.name_edit.setText("scanner-r")
     layers = {layer.name for layer in viewer.layers}
@@ -213,6 +244,7 @@ def test_an_adapter_the_gate_rejects_is_not_saved_or_used_and_the_user_is_told(
 
 def test_cancel_leaves_everything_as_before(viewer_widget, qtbot, tmp_path, model_file):
     viewer, widget = viewer_widget
+    widget.controls.objective_combo.setCurrentText("early-head")
     widget.controls.epochs_spin.setValue(100)
     widget.controls.slices_spin.setValue(4)
     widget.controls.slice_mode.setCurrentText(AROUND)
@@ -276,6 +308,7 @@ def test_closing_the_viewer_stops_a_run(make_napari_viewer, qtbot, model_file, s
     viewer.open(str(small_path), plugin="napari-convlora")
     widget = ConvLoRAWidget(viewer, model_path=model_file, worker=worker)
     viewer.window.add_dock_widget(widget)
+    widget.controls.objective_combo.setCurrentText("early-head")
     widget.controls.epochs_spin.setValue(100)
     widget.controls.name_edit.setText("closed")
     widget.controls.adapt_button.click()
@@ -334,6 +367,7 @@ def test_the_standardise_choice_reaches_the_worker_process(process_widget, qtbot
 def test_cancel_in_the_process_path_leaves_no_adapter_and_no_layer(process_widget, qtbot, tmp_path):
     viewer, widget = process_widget
     names = [layer.name for layer in viewer.layers]
+    widget.controls.objective_combo.setCurrentText("early-head")
     widget.controls.epochs_spin.setValue(100)
     widget.controls.name_edit.setText("cancelled-p")
     widget.controls.adapt_button.click()

@@ -183,7 +183,7 @@ def shipped():
     return load_model(default_model_path())
 
 
-HARMFUL = dict(slices=6, epochs=3, batch_size=2, lr=0.5, seed=0, device="cpu", adabn=False)
+HARMFUL = dict(objective="early-head", slices=6, epochs=3, batch_size=2, lr=0.5, seed=0, device="cpu", adabn=False)
 
 
 @pytest.mark.parametrize("gate", ["confidence", "consistency"])

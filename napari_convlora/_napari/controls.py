@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (
 
 from ..adapters import ADAPTER_KINDS
 from ..device import DEVICE_CHOICES
-from ..objectives import OBJECTIVES
+from ..objectives import DEFAULT_OBJECTIVE, INTENSITY_OBJECTIVE, OBJECTIVES
 from .jobs import MetricsResult
 from .plots import LinePlot
 
@@ -99,8 +99,8 @@ class Controls(QWidget):
             "keeps the curve's mask if the model is no less sure of it than of the plain one and the brain "
             "step does not move the scan away from those features, else the brain-standardised mask where "
             "that input comes nearest the training heads' features and the model is no less sure of it, else "
-            "the standardised one only if the model is surer of it (the confidence gate). With 'on', Adapt adapts "
-            "on standardised slices and its adapter standardises every scan it reads."
+            "the standardised one only if the model is surer of it (the confidence gate). With 'on', Adapt with a "
+            "ConvLoRA objective adapts on standardised slices and its adapter standardises every scan it reads."
         )
         self.segment_button = QPushButton("Segment")
         self.status = _label("ready")
@@ -121,6 +121,13 @@ class Controls(QWidget):
         form.addRow(self.status)
         return box
 
+    def _objective_changed(self, objective: str) -> None:
+        """The intensity objective trains no adapter: the settings of trained adapters are greyed out."""
+        trains = objective != INTENSITY_OBJECTIVE
+        for control in (self.slices_spin, self.slice_mode, self.epochs_spin, self.lr_spin, self.kind_combo,
+                        self.adabn_check):  # fmt: skip
+            control.setEnabled(trains)
+
     def _adapt_box(self) -> QGroupBox:
         box = QGroupBox("Adapt to this scanner (no labels needed)")
         form = QFormLayout(box)
@@ -140,6 +147,14 @@ class Controls(QWidget):
         self.adabn_check.setChecked(True)
         self.objective_combo = QComboBox()  # the label-free objective (napari_convlora.objectives)
         self.objective_combo.addItems(OBJECTIVES)
+        self.objective_combo.setCurrentText(DEFAULT_OBJECTIVE)
+        self.objective_combo.setToolTip(
+            "intensity (default): no weights trained; the scan as it is, standardised, or through a learnt "
+            "intensity curve, whichever the rule of 'standardise intensities: auto' keeps, saved as an intensity "
+            "adapter for this scanner. The others train ConvLoRA adapters on the slices (early-head: the paper's)."
+        )
+        self.objective_combo.currentTextChanged.connect(self._objective_changed)
+        self._objective_changed(DEFAULT_OBJECTIVE)
         self.keep_rejected_check = QCheckBox("keep the adapter even if the gate refuses it")
         self.keep_rejected_check.setToolTip(
             "Save the adapter even when the do-no-harm gate refuses it (its mask not surer than the source model's)"

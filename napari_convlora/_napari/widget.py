@@ -35,6 +35,7 @@ from ..files import atomic_write, check_output_path
 from ..inference import SegmentProgress
 from ..intensity_curve import CurveStep
 from ..library import ADAPTER_SUFFIX, BUILTIN_ADAPTERS, check_name, default_model_path
+from ..objectives import INTENSITY_OBJECTIVE
 from ..review import upright_view
 from . import jobs
 from .batch_panel import BatchPanel
@@ -98,6 +99,7 @@ class ConvLoRAWidget(QWidget):
         self._clicked: dict[str, float] = {}
         self._pending_segment: tuple[str, float] | None = None  # after Adapt: (adapter file, click time)
         self._segment_after_adapt = False
+        self._adapt_objective = ""  # the objective of the Adapt that runs (its progress reads differently)
         self._closing = False
         self._watched = 0  # id of the window whose closing we watch (a reference would keep it alive)
         self._watcher = _CloseWatcher(self)
@@ -471,6 +473,7 @@ class ConvLoRAWidget(QWidget):
         if c.slice_mode.currentText() == AROUND:
             index = np.round(layer.world_to_data(self.viewer.dims.point[-layer.ndim :])).astype(int)
             around = tuple(int(np.clip(i, 0, n - 1)) for i, n in zip(index, volume.data.shape, strict=True))
+        objective = self._adapt_objective = c.objective_combo.currentText()
         config = AdaptConfig(
             slices=c.slices_spin.value(),
             epochs=c.epochs_spin.value(),
@@ -478,8 +481,9 @@ class ConvLoRAWidget(QWidget):
             device=c.device_combo.currentText(),
             kind=c.kind_combo.currentText(),
             adabn=c.adabn_check.isChecked(),
-            objective=c.objective_combo.currentText(),
-            standardize=c.standardize_combo.currentData() == "on",
+            objective=objective,
+            # the intensity objective chooses the standardisation itself
+            standardize=objective != INTENSITY_OBJECTIVE and c.standardize_combo.currentData() == "on",
         )
         target = {"kwargs": aligned_kwargs(layer), "image": layer.name}
         c.name_edit.setText(name)
@@ -513,13 +517,24 @@ class ConvLoRAWidget(QWidget):
                 f"epoch {report.epoch}/{report.epochs}, step {report.step}/{report.total_steps}, "
                 f"loss {report.loss:.3f}, about {report.eta_s:.0f} s left"
             )
+        elif isinstance(report, CurveStep):  # the intensity objective learns its curve
+            self._show_progress(c.adapt_progress, report.step, report.steps)
+            c.train_plot.add_point("distance", report.step, report.distance)
+            eta = report.elapsed_s / report.step * (report.steps - report.step)
+            c.adapt_status.setText(
+                f"learning the intensity curve: step {report.step}/{report.steps}, about {eta:.0f} s left"
+            )
         elif isinstance(report, EpochReport):
             c.train_plot.add_point("consistency", c.adapt_progress.value(), report.score)
         elif isinstance(report, GateProgress):
             self._show_progress(c.adapt_progress, report.done, report.total)
+            what = (
+                "as it is, standardised and through the curve, to keep one"
+                if self._adapt_objective == INTENSITY_OBJECTIVE
+                else "with the source and the adapted model"
+            )
             c.adapt_status.setText(
-                f"do-no-harm check: segmenting the whole scan with the source and the adapted model, "
-                f"{report.done}/{report.total} slices"
+                f"do-no-harm check: segmenting the whole scan {what}, {report.done}/{report.total} slices"
             )
 
     def _on_adapted(self, result: jobs.AdaptResult | None, target: dict) -> None:
@@ -541,10 +556,12 @@ class ConvLoRAWidget(QWidget):
             if result.path is not None:
                 self.refresh_adapters()
             return
-        c.adapt_status.setText(
-            f"saved {result.path.name} to the library ({done.adapter.trainable_parameters:,} trainable "
-            f"parameters, best epoch {done.best_epoch}, {done.seconds:.1f} s); segmenting with it..."
+        what = (
+            f"an intensity map, {done.note}"
+            if done.adapter.curve is not None
+            else f"{done.adapter.trainable_parameters:,} trainable parameters, best epoch {done.best_epoch}"
         )
+        c.adapt_status.setText(f"saved {result.path.name} to the library ({what}, {done.seconds:.1f} s); segmenting...")
         self.refresh_adapters()
         c.select_adapter(str(result.path))
         if done.segmentation is not None:  # the gate segmented the scan with the adapter already
