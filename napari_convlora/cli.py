@@ -662,6 +662,7 @@ def cmd_train_source(args: argparse.Namespace) -> dict:
 def cmd_demo(args: argparse.Namespace) -> dict:
     from .adapt import AdaptConfig, StepReport
     from .demo import DEMO_PROFILE, run_demo
+    from .intensity_curve import CurveStep
     from .simulate import get_profile
 
     profile = args.profile or DEMO_PROFILE
@@ -676,8 +677,8 @@ def cmd_demo(args: argparse.Namespace) -> dict:
     bar = _progress_bar()
 
     def progress(report) -> None:
-        if bar is not None and isinstance(report, StepReport):
-            bar.total = report.total_steps
+        if bar is not None and isinstance(report, (StepReport, CurveStep)):
+            bar.total = report.total_steps if isinstance(report, StepReport) else report.steps
             bar.update(1)
 
     try:

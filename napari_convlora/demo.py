@@ -1,9 +1,11 @@
 """The main job, headless, on the bundled sample: segment, adapt to a simulated scanner, segment again.
 
 The shipped head is put through a *simulated* scanner profile (a domain shift
-the source model never saw), segmented with the source model, adapted on 10
-unlabeled slices of the shifted scan, and segmented again; both masks are
-scored against the reference mask carried onto the shifted grid.
+the source model never saw), segmented with the source model, adapted without
+labels (by default adapt's intensity map, chosen on the shifted scan; with a
+ConvLoRA objective, on 10 of its slices), and segmented again with the
+adapter; both masks are scored against the reference mask carried onto the
+shifted grid.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def run_demo(
     paths = {key: check_output_path(out_dir / name, overwrite=overwrite) for key, name in names.items()}
     scan, reference = simulate(load_volume(SAMPLE_T1), load_mask(SAMPLE_MASK), profile, seed=config.seed)
     before = segment(base, scan, device=config.device)
-    done = _last(adapt(base, scan, config, name=f"demo-{profile}"), progress)
+    done = _last(adapt(base, scan, config, name=f"demo-{profile}", source=before), progress)
     after = segment(base, scan, done.adapter, device=config.device)
     save_volume(scan, paths["scan"], overwrite=overwrite)
     save_mask(reference.data, scan, paths["reference"], overwrite=overwrite)
