@@ -493,7 +493,9 @@ def _adapt_intensity(
         yield AdaptCancelled(0, time.perf_counter() - start)
         return
     geometry, scaled = plan(volume, base.intensity_scaling)
-    indices = select_slices(geometry.to_model(scaled), DISTANCE_SLICES)  # the slices the curve was fitted on
+    indices = []  # the slices the curve was fitted on; the landmark maps read the whole head
+    if choice.fit is not None:
+        indices = select_slices(geometry.to_model(scaled), DISTANCE_SLICES)
     curve = _kept_map(choice, scaled, geometry, landmarks)
     del scaled
     plain_sure = mask_confidence(choice.plain.probability, choice.plain.mask)

@@ -11,7 +11,9 @@ would read (:func:`napari_convlora.geometry.select_slices`):
   several heads (:mod:`napari_convlora.scanner_reference`), every candidate is
   scored by the anatomy-weighted distance from its reference, measured with the
   source reference's head-to-head spreads (an adapter file without a reference
-  is represented by its AdaBN statistics); otherwise by the KL divergence from the
+  is represented by its AdaBN statistics; an intensity adapter, which changes no
+  weight, by the source model's reference, read on the slices through its map);
+  otherwise by the KL divergence from the
   BN statistics it carries (an adapter's AdaBN statistics *are* the feature
   statistics of its own scanner, but of one head). The score is 1 / (1 + distance),
   or exp(-KL): 1 when the statistics match.
@@ -140,18 +142,19 @@ def choose_adapter(
     if criterion == "stats":
         source_reference = reference_from_metadata(base.path or "the model", base.metadata, base.unet)
 
-    def score(unet: UNet2D, reference: ScannerReference | None) -> float:
+    def score(unet: UNet2D, reference: ScannerReference | None, seen: torch.Tensor = images) -> float:
+        """``seen``: the slices as the candidate reads them (through an intensity adapter's map)."""
         unet = unet.to(torch_device)
         if criterion == "stats" and source_reference is not None:
             # one metric for every candidate: the source model's head-to-head spreads
             reference = (reference or from_batchnorms(unet, source_reference)).with_spreads_of(source_reference)
             # 1 / (1 + d), not exp(-d): a scan far from every reference must not round every score to 0 (a tie)
-            return 1.0 / (1.0 + reference.distance(feature_moments(unet, images)))
+            return 1.0 / (1.0 + reference.distance(feature_moments(unet, seen)))
         if criterion == "stats":
-            return statistics_fit(unet, images)
+            return statistics_fit(unet, seen)
         if criterion == "consistency":
-            return consistency(unet, images, batch_size=4)
-        return agreement(unet, head, images, geometry, batch_size=4)
+            return consistency(unet, seen, batch_size=4)
+        return agreement(unet, head, seen, geometry, batch_size=4)
 
     found: dict[str, Adapter | None] = {SOURCE: None}
     scores = {SOURCE: score(base.copy().unet, source_reference)}
@@ -168,7 +171,11 @@ def choose_adapter(
             skipped[name] = str(exc)
             continue
         found[name] = adapter
-        scores[name] = score(unet, reference)
+        if adapter.curve is not None:  # the source model on the scan through the map: near the training heads?
+            mapped = torch.from_numpy(adapter.curve.apply(images.cpu().numpy().copy())).to(torch_device)
+            scores[name] = score(unet, source_reference, mapped)
+        else:
+            scores[name] = score(unet, reference)
     margin = {SOURCE: GATE_MARGIN if criterion == "consistency" else 0.0}
     best = max(scores, key=lambda name: (scores[name] + margin.get(name, 0.0), name == SOURCE))
     basis = ""

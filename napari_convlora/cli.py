@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="segment, adapt to a simulated scanner, segment again, on the bundled sample")
     p.add_argument("--out", type=Path, default=Path("convlora-demo"), help="folder for masks and the adapter")
-    p.add_argument("--profile", help="simulated target scanner (default philips-3t; see: convlora profiles)")
+    p.add_argument("--profile", help="simulated target scanner (default ge-1.5t; see: convlora profiles)")
     p.add_argument("--model", type=Path, help="base model weights (default: the shipped source model)")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     p.add_argument("--seed", type=_seed, default=0)

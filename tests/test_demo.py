@@ -16,7 +16,7 @@ def test_demo_writes_masks_adapter_and_a_table(capsys, tmp_path, model_file):
     assert code == 0, captured.err
     result = json.loads(captured.out)
     assert result["simulated"] is True and set(result["results"]) == {"source model", "adapted"}
-    assert result["profile"] == DEMO_PROFILE == "philips-3t"
+    assert result["profile"] == DEMO_PROFILE == "ge-1.5t"
     assert all(0.0 <= row["dice"] <= 1.0 for row in result["results"].values())
     scan = load_volume(out / f"sample_{DEMO_PROFILE}.nii.gz")
     for name in ("reference", "source", "adapted"):

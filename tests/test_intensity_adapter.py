@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from napari_convlora.adapt import AdaptCancelled, AdaptConfig, AdaptDone, adapt, run_adaptation
 from napari_convlora.adapters import load_adapter, save_adapter
@@ -110,3 +111,45 @@ def test_an_intensity_adapter_maps_the_scan_its_own_way_whatever_standardisation
     assert np.array_equal(alone.probability, asked.probability)
     with pytest.raises(InputError, match=r"head\.safetensors: an intensity adapter maps .* nothing for"):
         drive(iter_plain_and_standardized(referenced, small_volume, adapter, device="cpu"))
+
+
+def _intensity_adapter(base, path, curve):
+    from napari_convlora.adapters import CURVE_KEY, INTENSITY_KIND, Adapter, new_metadata
+
+    metadata = new_metadata(base, path.stem, kind=INTENSITY_KIND)
+    metadata[CURVE_KEY] = curve.as_metadata()
+    return save_adapter(Adapter({}, metadata), path)
+
+
+def test_auto_pick_scores_an_intensity_adapter_on_the_scan_through_its_map(tmp_path, referenced, small_volume):
+    from napari_convlora.choose import SOURCE, choose_adapter
+    from napari_convlora.intensity_map import IntensityCurve
+
+    same = _intensity_adapter(referenced, tmp_path / "same.safetensors", IDENTITY)
+    # most of the head pushed dark: far from the training heads the reference was learnt on (this scan as it is)
+    dark = _intensity_adapter(referenced, tmp_path / "dark.safetensors", IntensityCurve((0.0, 0.05, 1.0), (0, 0.8, 1)))
+    choice = choose_adapter(referenced, small_volume, [same, dark], device="cpu")
+    assert choice.scores["same"] == choice.scores[SOURCE]  # the identity map: the source model's very score
+    assert choice.scores["dark"] < choice.scores[SOURCE]
+    assert choice.label == SOURCE  # ties go to the source model
+
+
+def test_a_malformed_or_stuffed_intensity_adapter_is_refused_by_name(tmp_path, referenced):
+    import json
+
+    from safetensors.torch import save_file
+
+    from napari_convlora.adapters import CURVE_KEY, INTENSITY_KIND, new_metadata
+    from napari_convlora.model import METADATA_KEY
+
+    metadata = new_metadata(referenced, "bad", kind=INTENSITY_KIND)
+    for name, curve, tensors in [
+        ("falling", {"knots": [0, 0.5, 1], "heights": [0, 0.6, 0.4]}, {}),
+        ("missing", None, {}),
+        ("stuffed", IDENTITY.as_metadata(), {"x": torch.zeros(2)}),
+    ]:
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps({**metadata, CURVE_KEY: curve})})
+        message = "holds no tensors" if tensors else "intensity curve is malformed"
+        with pytest.raises(InputError, match=f"{name}\\.safetensors: .*{message}"):
+            load_adapter(path)

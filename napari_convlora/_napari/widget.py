@@ -575,7 +575,7 @@ class ConvLoRAWidget(QWidget):
         """List the slices the adapter learned from, and frame each of them with a rectangle over the image."""
         self.adapter_slices = [(result.axis, i) for i in result.file_slices]
         self.controls.show_slices(self.adapter_slices)
-        if image_name not in self.viewer.layers:
+        if image_name not in self.viewer.layers or not self.adapter_slices:  # a landmark map reads the whole head
             return
         image = self.viewer.layers[image_name]
         shape = image.data.shape
