@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--standardize",
         action="store_true",
-        help="adapt on slices standardised as `segment --standardize` does; the adapter then standardises every scan",
+        help="ConvLoRA objectives: adapt on slices standardised as `segment --standardize` does; the adapter then "
+        "standardises every scan",
     )
     p.add_argument(
         "--objective",
@@ -932,7 +933,8 @@ STANDARDIZE_HELP = (
     "nearest to the training heads' and nearer than the scan's by 0.4 (the model's scanner reference), its mask no "
     "less confident than the plain one (without a reference or with an adapter: if its confidence beats both "
     "others' by 0.003, as before); else the head-standardised one if the confidence gate lets it, else the plain "
-    "one"
+    "one. `convlora adapt` (by default) keeps the same choice as an intensity adapter for the scanner's other "
+    "scans; an intensity adapter maps the scan its own way whatever this says"
 )
 COMMANDS = {
     "segment": cmd_segment,
