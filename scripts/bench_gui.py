@@ -6,8 +6,9 @@ Usage (needs a display; on a headless machine run it under Xvfb):
 
 Opens napari with the widget docked and the sample as a simulated Philips 3 T
 scan with its reference mask (File > Open Sample), then, as a user would, clicks
-Segment (source model), waits for the mask, clicks Adapt (10 slices, 5 epochs,
-the defaults), waits for the adapted mask, and clicks Segment once more (the
+Segment (source model), waits for the mask, clicks Adapt (the defaults: since
+2026-12-06 the intensity map, before that 10 slices and 5 epochs of ConvLoRA),
+waits for the adapted mask, and clicks Segment once more (the
 widget refreshes its layers; phases of that step are named "(again)"). All the
 while a QTimer fires every 10 ms on the GUI thread and records how late each
 tick is: the worst delay is how long the viewer was frozen. ``--worker`` chooses where the model runs: the
@@ -268,7 +269,8 @@ def run() -> dict:
     shot("gui_segment.png")
 
     widget.controls.adapt_button.click()
-    wait_until(lambda: "adapt" in widget.jobs and "loss" in widget.controls.train_plot.series, args.timeout)
+    plotted = widget.controls.train_plot.series  # ConvLoRA plots its loss, the intensity objective its curve's distance
+    wait_until(lambda: "adapt" in widget.jobs and ("loss" in plotted or "distance" in plotted), args.timeout)
     shot("gui_adapting.png")
     wait_until(lambda: not widget.jobs and "adapt" in widget.timings, args.timeout)
     accepted = any(layer.name.startswith("mask") and layer.name != "mask: source" for layer in viewer.layers)

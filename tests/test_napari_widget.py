@@ -154,6 +154,8 @@ def test_adapt_by_default_keeps_an_intensity_map_and_greys_out_training_settings
     adapter = load_adapter(path)
     assert adapter.metadata["kind"] == "intensity" and adapter.metadata["input"] == "head" and not adapter.tensors
     assert "an intensity map, intensities standardised, head" in c.adapt_status.text()
+    assert c.adapt_status.text().endswith("its mask is the new layer")  # the rule's own segmentation, not made again
+    assert c.train_plot.title.startswith("intensity curve")
     assert c.adapter_combo.currentText() == "scanner-i"
     volume = load_volume(viewer.layers["head4mm"].source.path)
     expected = segment(load_model(model_file), volume, adapter, device="cpu")  # the map as one curve: the same mask

@@ -487,6 +487,11 @@ class ConvLoRAWidget(QWidget):
         )
         target = {"kwargs": aligned_kwargs(layer), "image": layer.name}
         c.name_edit.setText(name)
+        c.train_plot.title = (
+            "intensity curve: distance from the training heads per step"
+            if objective == INTENSITY_OBJECTIVE
+            else "adaptation: loss per step, consistency per epoch"
+        )
         c.train_plot.clear()
         self._clicked["adapt"] = time.perf_counter()
         c.adapt_status.setText(f"adapting to {layer.name}: choosing slices...")
@@ -561,7 +566,8 @@ class ConvLoRAWidget(QWidget):
             if done.adapter.curve is not None
             else f"{done.adapter.trainable_parameters:,} trainable parameters, best epoch {done.best_epoch}"
         )
-        c.adapt_status.setText(f"saved {result.path.name} to the library ({what}, {done.seconds:.1f} s); segmenting...")
+        then = "its mask is the new layer" if done.segmentation is not None else "segmenting with it..."
+        c.adapt_status.setText(f"saved {result.path.name} to the library ({what}, {done.seconds:.1f} s); {then}")
         self.refresh_adapters()
         c.select_adapter(str(result.path))
         if done.segmentation is not None:  # the gate segmented the scan with the adapter already
