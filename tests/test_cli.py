@@ -20,6 +20,9 @@ from napari_convlora.nifti import load_mask
 
 from .conftest import DATA, SAMPLE_MASK, make_model
 
+# a ConvLoRA adapter in seconds (adapt's default objective, the intensity map, trains none)
+CONVLORA_QUICK = ("--slices", 2, "--epochs", 1, "--objective", "early-head")
+
 
 @pytest.fixture(autouse=True)
 def _gate_open(gate_open):
@@ -116,12 +119,7 @@ def test_adapt_to_library_then_segment_by_name(capsys, tmp_path, small_path, mod
         "scanner-a",
         "--model",
         model_file,
-        "--slices",
-        2,
-        "--epochs",
-        1,
-        "--objective",
-        "early-head",
+        *CONVLORA_QUICK,
         "--json",
     )
     assert code == 0, err
@@ -174,12 +172,7 @@ def test_adapt_to_explicit_path(capsys, tmp_path, small_path, model_file):
         target,
         "--model",
         model_file,
-        "--slices",
-        2,
-        "--epochs",
-        1,
-        "--objective",
-        "early-head",
+        *CONVLORA_QUICK,
         "--json",
     )
     assert code == 0, err
@@ -202,12 +195,7 @@ def test_adapt_without_adabn_keeps_the_source_statistics(capsys, tmp_path, small
         target,
         "--model",
         model_file,
-        "--slices",
-        2,
-        "--epochs",
-        1,
-        "--objective",
-        "early-head",
+        *CONVLORA_QUICK,
         "--no-adabn",
     ]
     code, _, err = run(capsys, *argv)
@@ -230,12 +218,7 @@ def test_adapt_moe_kind_then_segment_with_it(capsys, tmp_path, small_path, model
         target,
         "--model",
         model_file,
-        "--slices",
-        2,
-        "--epochs",
-        1,
-        "--objective",
-        "early-head",
+        *CONVLORA_QUICK,
     ]
     code, out, err = run(capsys, *argv, "--kind", "moe", "--experts", 2, "--json")
     assert code == 0, err
@@ -351,12 +334,7 @@ def test_refuses_an_adapter_made_for_another_base_model(capsys, tmp_path, small_
         tmp_path / "a.safetensors",
         "--model",
         other,
-        "--slices",
-        2,
-        "--epochs",
-        1,
-        "--objective",
-        "early-head",
+        *CONVLORA_QUICK,
     )
     assert code == 0, err
     _expect_input_error(
