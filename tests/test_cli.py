@@ -188,16 +188,7 @@ def test_adapt_without_adabn_keeps_the_source_statistics(capsys, tmp_path, small
     from napari_convlora.model import load_model
 
     target = tmp_path / "a.safetensors"
-    argv = [
-        "adapt",
-        small_path,
-        "-o",
-        target,
-        "--model",
-        model_file,
-        *CONVLORA_QUICK,
-        "--no-adabn",
-    ]
+    argv = ["adapt", small_path, "-o", target, "--model", model_file, *CONVLORA_QUICK, "--no-adabn"]
     code, _, err = run(capsys, *argv)
     assert code == 0, err
     adapter = load_adapter(target)
@@ -211,15 +202,7 @@ def test_adapt_moe_kind_then_segment_with_it(capsys, tmp_path, small_path, model
     from napari_convlora.adapters import load_adapter
 
     target = tmp_path / "m.safetensors"
-    argv = [
-        "adapt",
-        small_path,
-        "-o",
-        target,
-        "--model",
-        model_file,
-        *CONVLORA_QUICK,
-    ]
+    argv = ["adapt", small_path, "-o", target, "--model", model_file, *CONVLORA_QUICK]
     code, out, err = run(capsys, *argv, "--kind", "moe", "--experts", 2, "--json")
     assert code == 0, err
     result = _one_json(out)
